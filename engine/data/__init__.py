@@ -1,0 +1,1 @@
+"""Text for calibration and evaluation (issue 4 adds sampling, mixtures and caching)."""

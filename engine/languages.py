@@ -1,0 +1,107 @@
+"""The language registry: ISO 639-1 code -> name, script and each source's or benchmark's own code.
+
+Issue 4 grows the benchmark columns; the study-file validator already relies on `get_language`,
+`closest_codes` and `LANGUAGES[code].mc4`.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Language:
+    code: str  # ISO 639-1
+    name: str
+    script: str  # ISO 15924
+    iso639_3: str
+    mc4: str | None  # config name in mC4 (allenai/c4); None where mC4 has no such language
+    flores: str | None  # FLORES-200 / Belebele code, e.g. deu_Latn
+
+    def source_code(self, source: str) -> str | None:
+        """This language's code in `source` (a column of the registry), or None if the source lacks it."""
+        if source in ("iso", "iso639_1", "lang"):
+            return self.code
+        return getattr(self, source, None)
+
+
+def _lang(code: str, name: str, script: str, iso3: str, mc4: str | None = "=", flores: str | None = "=") -> Language:
+    return Language(
+        code=code,
+        name=name,
+        script=script,
+        iso639_3=iso3,
+        mc4=code if mc4 == "=" else mc4,
+        flores=f"{iso3}_{script}" if flores == "=" else flores,
+    )
+
+
+# The seven languages of the reference study first, then other mC4 languages users commonly add.
+LANGUAGES: dict[str, Language] = {
+    lang.code: lang
+    for lang in [
+        _lang("ar", "Arabic", "Arab", "ara", flores="arb_Arab"),
+        _lang("de", "German", "Latn", "deu"),
+        _lang("en", "English", "Latn", "eng"),
+        _lang("es", "Spanish", "Latn", "spa"),
+        _lang("ru", "Russian", "Cyrl", "rus"),
+        _lang("sw", "Swahili", "Latn", "swa", flores="swh_Latn"),
+        _lang("zh", "Chinese", "Hans", "zho", flores="zho_Hans"),
+        _lang("bn", "Bengali", "Beng", "ben"),
+        _lang("cs", "Czech", "Latn", "ces"),
+        _lang("el", "Greek", "Grek", "ell"),
+        _lang("fa", "Persian", "Arab", "fas", flores="pes_Arab"),
+        _lang("fi", "Finnish", "Latn", "fin"),
+        _lang("fr", "French", "Latn", "fra"),
+        _lang("he", "Hebrew", "Hebr", "heb", mc4="iw"),
+        _lang("hi", "Hindi", "Deva", "hin"),
+        _lang("id", "Indonesian", "Latn", "ind"),
+        _lang("it", "Italian", "Latn", "ita"),
+        _lang("ja", "Japanese", "Jpan", "jpn"),
+        _lang("ko", "Korean", "Kore", "kor", flores="kor_Hang"),
+        _lang("nl", "Dutch", "Latn", "nld"),
+        _lang("pl", "Polish", "Latn", "pol"),
+        _lang("pt", "Portuguese", "Latn", "por"),
+        _lang("ro", "Romanian", "Latn", "ron"),
+        _lang("sv", "Swedish", "Latn", "swe"),
+        _lang("ta", "Tamil", "Taml", "tam"),
+        _lang("te", "Telugu", "Telu", "tel"),
+        _lang("th", "Thai", "Thai", "tha"),
+        _lang("tr", "Turkish", "Latn", "tur"),
+        _lang("uk", "Ukrainian", "Cyrl", "ukr"),
+        _lang("ur", "Urdu", "Arab", "urd"),
+        _lang("vi", "Vietnamese", "Latn", "vie"),
+        _lang("yo", "Yoruba", "Latn", "yor"),
+    ]
+}
+
+REFERENCE_STUDY_LANGUAGES = ("ar", "de", "en", "es", "ru", "sw", "zh")
+
+
+class UnknownLanguageError(KeyError):
+    def __init__(self, code: str):
+        self.code = code
+        near = closest_codes(code)
+        hint = f" (did you mean {', '.join(repr(c) for c in near)}?)" if near else ""
+        super().__init__(f"unknown language code {code!r}{hint}; known: {', '.join(sorted(LANGUAGES))}")
+
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return self.args[0]
+
+
+def get_language(code: str) -> Language:
+    try:
+        return LANGUAGES[code]
+    except KeyError:
+        raise UnknownLanguageError(code) from None
+
+
+def closest_codes(code: str, n: int = 3) -> list[str]:
+    by_name = {lang.name.lower(): lang.code for lang in LANGUAGES.values()}
+    by_iso3 = {lang.iso639_3: lang.code for lang in LANGUAGES.values()}
+    lowered = str(code).lower()
+    if lowered in by_name:
+        return [by_name[lowered]]
+    if lowered in by_iso3:
+        return [by_iso3[lowered]]
+    return difflib.get_close_matches(lowered, list(LANGUAGES), n=n, cutoff=0.5)

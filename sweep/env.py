@@ -1,0 +1,16 @@
+"""Environment defaults that study files may refer to as ${NAME}."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_demo_dir() -> Path:
+    return Path(os.environ.get("SWEEP_DEMO_DIR") or REPO_ROOT / ".cache" / "demo")
+
+
+def apply_default_env() -> None:
+    """SWEEP_DEMO_DIR: where the demo assets live (default <repo>/.cache/demo)."""
+    os.environ.setdefault("SWEEP_DEMO_DIR", str(default_demo_dir()))

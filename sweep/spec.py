@@ -1,0 +1,174 @@
+"""The study file: a typed schema (pydantic) for its structure, then cross-field rules in `checks`.
+
+Every model here forbids unknown keys, so a typo is an error rather than a silently ignored default.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+from engine.prune.sparsity import Sparsity, parse_sparsity
+
+SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class ModelSpec(Strict):
+    """A causal LM, by hub id (`hub`) or local directory (`path`, relative to the study file)."""
+
+    name: StrictStr | None = Field(None, description="short label used in trial names; derived if absent")
+    hub: StrictStr | None = None
+    path: StrictStr | None = None
+    revision: StrictStr | None = Field(None, description="hub commit, branch or tag; pin a commit for reproducibility")
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    gpus: StrictInt = Field(1, ge=0, le=64, description="GPUs per model replica; 0 runs on CPU")
+    max_seq_len: StrictInt = Field(2048, gt=0, le=1_048_576)
+    trust_remote_code: StrictBool = False
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        source = (self.hub or self.path or "model").rstrip("/")
+        return re.sub(r"[^a-z0-9._-]+", "-", source.split("/")[-1].lower()).strip("-") or "model"
+
+
+class TextSource(Strict):
+    """Where text comes from: the hub (`kind: hub`) or local files (`kind: local`).
+
+    hub: `dataset` with `config` (a template: `{mc4}`, `{flores}` or `{lang}` become the language's code
+    in that source), `split`, `revision`, `text_field`.
+    local: `path` is a directory holding, per language, `<lang>/` (all .jsonl/.txt/.parquet files
+    inside, or only those named `<split>.*` when `split` is set) or a file `<lang>.jsonl|.txt|.parquet`.
+    """
+
+    kind: Literal["hub", "local"]
+    dataset: StrictStr | None = None
+    config: StrictStr | None = None
+    revision: StrictStr | None = None
+    split: StrictStr | None = None
+    text_field: StrictStr = "text"
+    path: StrictStr | None = None
+
+
+class MixSpec(Strict):
+    mix: dict[StrictStr, Union[StrictInt, StrictFloat]] = Field(
+        ..., description="language -> weight; weights are normalised to sum to 1")
+
+
+LanguageChoice = Union[StrictStr, MixSpec]
+
+
+class CalibrationSpec(Strict):
+    source: TextSource
+    languages: list[LanguageChoice] = Field(..., min_length=1)
+    samples: StrictInt = Field(128, gt=0, le=1_000_000)
+    seq_len: StrictInt = Field(2048, gt=0, le=1_048_576)
+    seeds: list[StrictInt] = Field(default_factory=lambda: [0], min_length=1)
+
+
+SparsityValue = Union[StrictFloat, StrictInt, StrictStr]
+
+
+class PrunerSpec(Strict):
+    method: StrictStr
+    name: StrictStr | None = Field(None, description="label in trial names; needed when one method appears twice")
+    sparsity: Union[SparsityValue, list[SparsityValue]]
+    params: dict[StrictStr, Any] = Field(default_factory=dict)
+    targets: list[StrictStr] | None = Field(
+        None, min_length=1,
+        description="regular expressions over linear-layer names inside the decoder blocks; default: all of them")
+
+    @property
+    def sparsity_values(self) -> list[SparsityValue]:
+        return self.sparsity if isinstance(self.sparsity, list) else [self.sparsity]
+
+    @property
+    def sparsities(self) -> list[Sparsity]:
+        return [parse_sparsity(v) for v in self.sparsity_values]
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method
+
+
+class BaselineSpec(Strict):
+    dense: StrictBool = Field(True, description="evaluate each unpruned model once")
+
+
+class PerplexitySpec(Strict):
+    source: TextSource
+    window: StrictInt = Field(2048, gt=0, le=1_048_576, description="tokens per non-overlapping window")
+    max_tokens: StrictInt | None = Field(None, gt=0, description="evaluation tokens per language; default all")
+
+
+class TaskSpec(Strict):
+    task: StrictStr = Field(..., description="lm-eval task name, or a template such as belebele_{flores}")
+    shots: StrictInt = Field(0, ge=0, le=64)
+    limit: Union[StrictInt, StrictFloat, None] = Field(None, gt=0, description="documents per task (or a fraction)")
+    languages: list[StrictStr] | None = Field(None, min_length=1, description="subset of evaluation.languages")
+
+
+class EvaluationSpec(Strict):
+    languages: list[StrictStr] = Field(..., min_length=1, description="target languages")
+    perplexity: PerplexitySpec | None = None
+    tasks: list[TaskSpec] = Field(default_factory=list)
+    batch_size: StrictInt = Field(8, gt=0)
+
+
+class LapeSpec(Strict):
+    enabled: StrictBool = True
+    lape_quantile: StrictFloat = Field(0.01, gt=0, lt=1, description="lowest-LAPE share counted as language-specific")
+    activation_quantile: StrictFloat = Field(
+        0.95, gt=0, lt=1, description="a language-specific neuron's top activation probability must reach this quantile")
+
+
+class SubspaceSpec(Strict):
+    enabled: StrictBool = True
+    rank: StrictInt | None = Field(None, gt=0, description="dimensions of the language-specific subspace; default languages - 1")
+
+
+class MaskAnalysisSpec(Strict):
+    enabled: StrictBool = True
+    save_masks: StrictBool = True
+
+
+class AnalysesSpec(Strict):
+    masks: MaskAnalysisSpec = Field(default_factory=lambda: MaskAnalysisSpec(enabled=False))
+    lape: LapeSpec = Field(default_factory=lambda: LapeSpec(enabled=False))
+    subspace: SubspaceSpec = Field(default_factory=lambda: SubspaceSpec(enabled=False))
+
+
+class ExecutionSpec(Strict):
+    output_dir: StrictStr = Field("runs/{study}", description="study directory; {study} is the study name")
+    retries: StrictInt = Field(2, ge=0, le=100)
+    trial_timeout_s: Union[StrictInt, StrictFloat, None] = Field(None, gt=0)
+    cpus_per_actor: Union[StrictInt, StrictFloat] = Field(1, gt=0)
+    max_actors: StrictInt | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    save_pruned_models: StrictBool = False
+
+
+class StudySpec(Strict):
+    name: StrictStr
+    description: StrictStr = ""
+    models: list[ModelSpec] = Field(..., min_length=1)
+    calibration: CalibrationSpec
+    pruners: list[PrunerSpec] = Field(..., min_length=1)
+    baselines: BaselineSpec = Field(default_factory=BaselineSpec)
+    evaluation: EvaluationSpec
+    analyses: AnalysesSpec = Field(default_factory=AnalysesSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _slug_name(cls, value: str) -> str:
+        if not SLUG.match(value):
+            raise ValueError(f"{value!r} must be a short slug: lowercase letters, digits, '.', '_' or '-'")
+        return value
