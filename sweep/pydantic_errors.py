@@ -28,8 +28,11 @@ def problems_from_validation_error(err: ValidationError, root_model: type[BaseMo
     for item in err.errors(include_url=False):
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
         grouped.setdefault(loc, []).append(item)
+    # A union field fails as a whole and in its members ([True] as a value and as a list): keep the deepest.
+    deepest = {loc: items for loc, items in grouped.items()
+               if not any(other[:len(loc)] == loc and len(other) > len(loc) for other in grouped)}
     problems = []
-    for loc, items in grouped.items():
+    for loc, items in deepest.items():
         problems.append(Problem(join_path(*loc), _message(loc, items, root_model, given)))
     return problems
 
