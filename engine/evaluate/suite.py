@@ -1,0 +1,32 @@
+"""Per-language perplexity of one in-memory model on the study's evaluation text."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from engine.evaluate.perplexity import PerplexityResult, perplexity
+from engine.models import prefix_token_id
+
+DOCUMENT_SEPARATOR = "\n\n"
+
+
+def language_tokens(tokenizer, texts: Sequence[str], max_tokens: int | None) -> tuple[list[int], int]:
+    """The language's evaluation text as one token stream (documents joined by a blank line), cut to
+    `max_tokens` at a token boundary; returns the ids and the UTF-8 bytes they spell."""
+    joined = DOCUMENT_SEPARATOR.join(texts)
+    ids = tokenizer(joined, add_special_tokens=False)["input_ids"]
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = ids[:max_tokens]
+        spelled = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return ids, len(spelled.encode("utf-8"))
+    return ids, len(joined.encode("utf-8"))
+
+
+def perplexity_by_language(model, tokenizer, texts_by_language: Mapping[str, Sequence[str]], window: int,
+                           max_tokens: int | None = None, batch_size: int = 8) -> dict[str, PerplexityResult]:
+    prefix = prefix_token_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix
+    results = {}
+    for language, texts in texts_by_language.items():
+        ids, n_bytes = language_tokens(tokenizer, texts, max_tokens)
+        results[language] = perplexity(model, ids, n_bytes, window, prefix, batch_size=batch_size, pad_id=pad)
+    return results

@@ -1,0 +1,57 @@
+"""Perplexity against an independent, unbatched computation on a small random model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from engine.evaluate.perplexity import perplexity, windows_of
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def reference_nll(model, token_ids, window, prefix):
+    total = 0.0
+    for start in range(0, len(token_ids), window - 1):
+        sequence = torch.tensor([[prefix, *token_ids[start : start + window - 1]]])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(input_ids=sequence).logits[0].double(), dim=-1)
+        for position in range(1, sequence.shape[1]):
+            total -= float(log_probs[position - 1, sequence[0, position]])
+    return total
+
+
+@pytest.mark.parametrize("n_tokens, window, batch_size", [(200, 16, 4), (37, 8, 3), (5, 32, 8)])
+def test_matches_unbatched_reference(tiny_model, n_tokens, window, batch_size):
+    generator = torch.Generator().manual_seed(n_tokens)
+    ids = torch.randint(1, 97, (n_tokens,), generator=generator).tolist()
+    result = perplexity(tiny_model, ids, text_bytes=3 * n_tokens, window=window, prefix_id=0,
+                        batch_size=batch_size, pad_id=0)
+    expected = reference_nll(tiny_model, ids, window, prefix=0)
+    assert result.tokens == n_tokens
+    assert result.windows == math.ceil(n_tokens / (window - 1))
+    assert result.nll == pytest.approx(expected, rel=1e-5)
+    assert result.token_perplexity == pytest.approx(math.exp(expected / n_tokens), rel=1e-5)
+    assert result.bits_per_byte == pytest.approx(expected / math.log(2) / (3 * n_tokens), rel=1e-5)
+
+
+def test_windows_cover_every_token_once():
+    ids = list(range(1, 24))
+    windows = windows_of(ids, window=5, prefix_id=0)
+    assert all(w[0] == 0 and len(w) <= 5 for w in windows)
+    assert [t for w in windows for t in w[1:]] == ids
+    with pytest.raises(ValueError):
+        windows_of(ids, window=1, prefix_id=0)
+
+
+def test_empty_text_is_an_error(tiny_model):
+    with pytest.raises(ValueError, match="no tokens"):
+        perplexity(tiny_model, [], 0, 8, 0)
