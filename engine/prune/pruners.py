@@ -1,0 +1,98 @@
+"""One small class per pruning method behind one interface, and the registry that builds them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import torch
+
+from engine.prune.masks import check_nm, lowest_in_matrix, lowest_in_rows, lowest_n_of_m
+from engine.prune.params import PRUNER_PARAMS, MagnitudeParams, PrunerParams, SparseGPTParams, WandaParams
+from engine.prune.scoring import magnitude_scores, wanda_scores
+from engine.prune.sparsegpt_math import sparsegpt_prune
+from engine.prune.sparsity import Sparsity
+from engine.prune.statistics import InputStatistics
+
+
+@dataclass(frozen=True)
+class PruneOutput:
+    weight: torch.Tensor  # float32, already zero where pruned
+    mask: torch.Tensor  # True where pruned
+    info: dict = field(default_factory=dict)
+
+
+class Pruner(Protocol):
+    method: ClassVar[str]
+    needs_inputs: ClassVar[bool]  # whether calibration forward passes are needed at all
+    needs_hessian: ClassVar[bool]
+
+    def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> PruneOutput: ...
+
+
+def _mask_from_scores(scores: torch.Tensor, sparsity: Sparsity, per_row: bool) -> torch.Tensor:
+    if sparsity.is_nm:
+        return lowest_n_of_m(scores, sparsity.n, sparsity.m)
+    return lowest_in_rows(scores, sparsity.fraction) if per_row else lowest_in_matrix(scores, sparsity.fraction)
+
+
+def _apply(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return weight.detach().float().masked_fill(mask, 0.0)
+
+
+@dataclass(frozen=True)
+class MagnitudePruner:
+    params: MagnitudeParams = MagnitudeParams()
+    method: ClassVar[str] = "magnitude"
+    needs_inputs: ClassVar[bool] = False
+    needs_hessian: ClassVar[bool] = False
+
+    def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> PruneOutput:
+        mask = _mask_from_scores(magnitude_scores(weight), sparsity, per_row=False)
+        return PruneOutput(_apply(weight, mask), mask)
+
+
+@dataclass(frozen=True)
+class WandaPruner:
+    params: WandaParams = WandaParams()
+    method: ClassVar[str] = "wanda"
+    needs_inputs: ClassVar[bool] = True
+    needs_hessian: ClassVar[bool] = False
+
+    def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> PruneOutput:
+        if stats is None or stats.tokens == 0:
+            raise ValueError("Wanda needs calibration inputs; none reached this layer")
+        mask = _mask_from_scores(wanda_scores(weight, stats.sq_norms.to(weight.device)), sparsity, per_row=True)
+        return PruneOutput(_apply(weight, mask), mask)
+
+
+@dataclass(frozen=True)
+class SparseGPTPruner:
+    params: SparseGPTParams = SparseGPTParams()
+    method: ClassVar[str] = "sparsegpt"
+    needs_inputs: ClassVar[bool] = True
+    needs_hessian: ClassVar[bool] = True
+
+    def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> PruneOutput:
+        if stats is None or stats.hessian is None or stats.tokens == 0:
+            raise ValueError("SparseGPT needs the calibration Hessian; none reached this layer")
+        out = sparsegpt_prune(weight, stats.hessian, sparsity, self.params.blocksize, self.params.dampening,
+                              self.params.max_dampening_retries)
+        return PruneOutput(out.weight, out.mask, {"dampening": out.dampening, "dampening_retries": out.retries})
+
+
+PRUNERS: dict[str, type] = {cls.method: cls for cls in (MagnitudePruner, WandaPruner, SparseGPTPruner)}
+assert set(PRUNERS) == set(PRUNER_PARAMS), "every method needs both parameters and a pruner"
+
+
+def make_pruner(method: str, params: dict | PrunerParams | None = None) -> Pruner:
+    if method not in PRUNERS:
+        raise ValueError(f"unknown pruning method {method!r}; available: {', '.join(PRUNERS)}")
+    params_cls = PRUNER_PARAMS[method]
+    if not isinstance(params, PrunerParams):
+        params = params_cls.model_validate(params or {})
+    return PRUNERS[method](params=params)
+
+
+def check_sparsity_fits(sparsity: Sparsity, width: int, where: str) -> None:
+    if sparsity.is_nm:
+        check_nm(width, sparsity.n, sparsity.m, where)

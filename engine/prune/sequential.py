@@ -1,0 +1,233 @@
+"""Layer-by-layer pruning driven by calibration activations, the same for every decoder architecture.
+
+1. Run the model on the calibration batches until the first decoder block, capturing its hidden states
+   and every keyword argument it receives (attention mask, position ids, rotary embeddings, ...).
+2. For each block in turn: move it to the working device; run it on the captured inputs with hooks that
+   accumulate input statistics for its linear layers (layers fed the same tensor, q/k/v or gate/up,
+   share one statistic); prune its linear layers; run it again so the next block sees pruned outputs;
+   move it back.
+Only one block and the activations live on the working device, so a model larger than the accelerator
+can be pruned on it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from engine.prune.layers import find_decoder_layers, linear_layers, move
+from engine.prune.pruners import Pruner, check_sparsity_fits
+from engine.prune.sparsity import Sparsity
+from engine.prune.statistics import InputStatistics, relative_output_error
+
+
+class _FirstBlockReached(Exception):
+    pass
+
+
+@dataclass
+class LinearReport:
+    name: str  # e.g. model.layers.3.mlp.up_proj
+    shape: tuple[int, int]
+    sparsity: float
+    shared_statistics_with: str | None = None
+    relative_error: float | None = None  # ||WX - W'X||^2 / ||WX||^2 on the calibration inputs
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class PruneReport:
+    method: str
+    sparsity: str
+    layers: list[LinearReport]
+    seconds: float
+    calibration_tokens: int
+    peak_accelerator_bytes: int | None
+    statistics_computed: int  # statistics accumulated (fewer than pruned layers when inputs are shared)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> bool mask on CPU, if kept
+
+    @property
+    def extra_dampening(self) -> dict[str, float]:
+        return {r.name: r.info["dampening"] for r in self.layers if r.info.get("dampening_retries")}
+
+
+@dataclass(frozen=True)
+class CalibrationBatch:
+    input_ids: torch.Tensor  # (batch, seq)
+    attention_mask: torch.Tensor | None = None  # 1 for real tokens, 0 for padding
+
+
+def batches_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int) -> list[CalibrationBatch]:
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0:
+        raise ValueError("calibration needs at least one sample: input_ids of shape (samples, seq_len)")
+    return [CalibrationBatch(input_ids[i : i + batch_size],
+                             None if attention_mask is None else attention_mask[i : i + batch_size])
+            for i in range(0, input_ids.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def capture_first_block_inputs(model: nn.Module, first_block: nn.Module,
+                               batches: list[CalibrationBatch]) -> list[tuple[tuple, dict]]:
+    captured: list[tuple[tuple, dict]] = []
+
+    def grab(module, args, kwargs):
+        captured.append((args, dict(kwargs)))
+        raise _FirstBlockReached
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    embed_device = model.get_input_embeddings().weight.device
+    try:
+        for batch in batches:
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(embed_device)
+            try:
+                model(input_ids=batch.input_ids.to(embed_device), attention_mask=mask, use_cache=False)
+            except _FirstBlockReached:
+                continue
+            raise RuntimeError(f"{type(model).__name__} never called its first decoder block")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _StatisticsHooks:
+    """Forward hooks feeding InputStatistics; layers whose input is the very same tensor share one."""
+
+    def __init__(self, linears: dict[str, nn.Linear], with_hessian: bool, device):
+        self.linears = linears
+        self.with_hessian = with_hessian
+        self.device = device
+        self.stats: dict[str, InputStatistics] = {}
+        self.shared_with: dict[str, str] = {}
+        self.token_mask: torch.Tensor | None = None
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+
+    def new_forward(self, token_mask: torch.Tensor | None) -> None:
+        self.token_mask = token_mask
+        self._seen.clear()  # references held during one forward keep data_ptr from being reused
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            identity = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+            first = self._seen.get(identity)
+            if first is not None and first[0] != name:
+                self.shared_with.setdefault(name, first[0])
+                return
+            self._seen[identity] = (name, x)
+            owner = self.shared_with.get(name, name)
+            if owner != name:
+                return
+            if name not in self.stats:
+                self.stats[name] = InputStatistics(x.shape[-1], self.with_hessian, self.device)
+            flat = x.reshape(-1, x.shape[-1])
+            if self.token_mask is not None:
+                flat = flat[self.token_mask.reshape(-1).to(flat.device).bool()]
+            self.stats[name].add(flat)
+        return hook
+
+    def statistics_for(self, name: str) -> InputStatistics | None:
+        return self.stats.get(self.shared_with.get(name, name))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _peak_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+@torch.no_grad()
+def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, input_ids: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None, targets: list[str] | None = None,
+                       device: str | torch.device | None = None, batch_size: int = 8, keep_masks: bool = False,
+                       measure_error: bool = False) -> PruneReport:
+    """Prunes `model` in place. `input_ids` (samples, seq_len) are the calibration windows; methods that
+    need no calibration (magnitude) take None. `measure_error` accumulates each layer's Hessian (if the
+    method does not already) to report ||WX - W'X||^2 / ||WX||^2."""
+    started = time.perf_counter()
+    prefix, blocks = find_decoder_layers(model)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    needs_inputs = pruner.needs_inputs or measure_error
+    with_hessian = pruner.needs_hessian or measure_error
+    for index, block in enumerate(blocks):
+        for name, linear in linear_layers(block, targets).items():
+            check_sparsity_fits(sparsity, linear.in_features, f"{prefix}.{index}.{name}")
+
+    inputs: list[tuple[tuple, dict]] = []
+    token_masks: list[torch.Tensor | None] = []
+    tokens = 0
+    if needs_inputs:
+        if input_ids is None:
+            raise ValueError(f"{pruner.method} needs calibration samples; got none")
+        batches = batches_of(input_ids, attention_mask, batch_size)
+        captured = capture_first_block_inputs(model, blocks[0], batches)
+        inputs = [(move(args, device), move(kwargs, device)) for args, kwargs in captured]
+        token_masks = [b.attention_mask for b in batches]
+        tokens = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
+        if tokens == 0:
+            raise ValueError("the calibration samples hold no real tokens (all padding)")
+
+    reports: list[LinearReport] = []
+    masks: dict[str, torch.Tensor] = {}
+    statistics_computed = 0
+    model_was_training = model.training
+    model.eval()
+    try:
+        for index, block in enumerate(blocks):
+            block_home = next(block.parameters()).device
+            block.to(device)
+            linears = linear_layers(block, targets)
+            hooks = None
+            if needs_inputs:
+                hooks = _StatisticsHooks(linears, with_hessian, device)
+                for (args, kwargs), token_mask in zip(inputs, token_masks):
+                    hooks.new_forward(token_mask)
+                    block(*args, **kwargs)
+                hooks.remove()
+                statistics_computed += len(hooks.stats)
+            for name, linear in linears.items():
+                full_name = f"{prefix}.{index}.{name}"
+                stats = hooks.statistics_for(name) if hooks else None
+                dense = linear.weight.detach().clone() if measure_error else None
+                out = pruner.prune(linear.weight, stats, sparsity)
+                linear.weight.copy_(out.weight.to(linear.weight.dtype))
+                report = LinearReport(full_name, tuple(linear.weight.shape), float(out.mask.float().mean()),
+                                      info=dict(out.info))
+                if hooks is not None and name in hooks.shared_with:
+                    report.shared_statistics_with = f"{prefix}.{index}.{hooks.shared_with[name]}"
+                if measure_error and stats is not None and stats.hessian is not None:
+                    report.relative_error = relative_output_error(dense, linear.weight, stats.hessian)
+                reports.append(report)
+                if keep_masks:
+                    masks[full_name] = out.mask.cpu()
+            if needs_inputs:
+                del hooks
+                for i, (args, kwargs) in enumerate(inputs):
+                    hidden = _block_output(block(*args, **kwargs))
+                    inputs[i] = ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
+            block.to(block_home)
+    finally:
+        model.train(model_was_training)
+    return PruneReport(
+        method=pruner.method,
+        sparsity=sparsity.canonical(),
+        layers=reports,
+        seconds=time.perf_counter() - started,
+        calibration_tokens=tokens,
+        peak_accelerator_bytes=_peak_bytes(device),
+        statistics_computed=statistics_computed,
+        masks=masks,
+    )

@@ -1,0 +1,98 @@
+"""SparseGPT (Frantar and Alistarh, 2023) for one weight matrix, from its calibration Hessian.
+
+With H = sum_t x_t x_t^T over calibration inputs, pruning column i and compensating the columns after
+it is the optimal-brain-surgeon update w[i:] -= (w_i - q_i) / [H_(i)^-1]_00 * [H_(i)^-1]_0,: where
+H_(i) is H restricted to columns i.. . All those rows come at once from the upper Cholesky factor U of
+H^-1 (row i of U is the needed row scaled by 1/sqrt of its first entry), so one factorisation serves
+every column. Columns are processed in blocks whose updates to later columns are applied lazily, in
+one matrix product per block. Masks are chosen per block from the already-updated weights by the OBS
+saliency w^2 / [H^-1]_ii^2 (unstructured: the lowest share of the block; N:M: the lowest N in each
+group of M of a row).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.prune.masks import check_nm, exact_count, lowest_n_of_m
+from engine.prune.sparsity import Sparsity
+
+
+class CholeskyError(RuntimeError):
+    """The damped Hessian stayed not positive definite through every allowed retry."""
+
+
+@dataclass(frozen=True)
+class SparseGPTOutput:
+    weight: torch.Tensor  # float32, pruned and compensated
+    mask: torch.Tensor  # True where pruned
+    dampening: float  # the relative dampening that worked
+    retries: int  # how many x10 increases it took
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, max_retries: int) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with damp x10 on failure."""
+    h = hessian.to(torch.float32).clone()
+    diagonal = torch.diagonal(h)
+    dead = diagonal == 0
+    diagonal[dead] = 1.0  # inputs never active: their columns get an identity row, as if independent
+    mean_diagonal = float(diagonal.mean())
+    if not torch.isfinite(h).all():
+        raise CholeskyError("the Hessian has non-finite entries (the calibration activations overflowed)")
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(max_retries + 1):
+        damp = dampening * (10.0 ** attempt)
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diagonal * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                return upper, damp, attempt
+    raise CholeskyError(
+        f"Cholesky failed with dampening up to {dampening * 10.0 ** max_retries:g} x mean diagonal "
+        f"({max_retries} retries); the calibration set may be too small for this layer's width")
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity, blocksize: int = 128,
+                    dampening: float = 0.01, max_retries: int = 4) -> SparseGPTOutput:
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match a weight of {tuple(weight.shape)}")
+    if sparsity.is_nm:
+        check_nm(cols, sparsity.n, sparsity.m)
+        if blocksize % sparsity.m:
+            raise ValueError(f"blocksize {blocksize} must be a multiple of M={sparsity.m} for N:M pruning")
+    upper, damp, retries = inverse_hessian_factor(hessian, dampening, max_retries)
+    w = weight.detach().to(device=upper.device, dtype=torch.float32).clone()
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        block = w[:, start:end].clone()
+        u_block = upper[start:end, start:end]
+        u_diag = torch.diagonal(u_block)
+        errors = torch.zeros_like(block)
+        block_mask = torch.zeros_like(block, dtype=torch.bool)
+        if not sparsity.is_nm:
+            # Cumulative rounding gives every block its share and the whole matrix exactly its target.
+            k = exact_count(rows * end, sparsity.fraction) - exact_count(rows * start, sparsity.fraction)
+            saliency = block.pow(2) / u_diag.pow(2).unsqueeze(0)
+            if k:
+                flat = torch.sort(saliency.flatten(), stable=True).indices[:k]
+                block_mask.view(-1)[flat] = True
+        for i in range(end - start):
+            if sparsity.is_nm and i % sparsity.m == 0:
+                group = slice(i, i + sparsity.m)
+                saliency = block[:, group].pow(2) / u_diag[group].pow(2).unsqueeze(0)
+                block_mask[:, group] = lowest_n_of_m(saliency, sparsity.n, sparsity.m)
+            column = block[:, i]
+            kept = torch.where(block_mask[:, i], torch.zeros_like(column), column)
+            error = (column - kept) / u_diag[i]
+            block[:, i:] -= error.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
+            block[:, i] = kept
+            errors[:, i] = error
+        w[:, start:end] = block
+        mask[:, start:end] = block_mask
+        w[:, end:] -= errors @ upper[start:end, end:]
+    w[mask] = 0.0
+    return SparseGPTOutput(weight=w, mask=mask, dampening=damp, retries=retries)

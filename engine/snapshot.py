@@ -1,0 +1,30 @@
+"""The dense weights of a model's decoder blocks, copied once to CPU and restored bit for bit after
+each trial, so one loaded model serves many pruning trials without reloading from disk."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.prune.layers import find_decoder_layers
+
+
+class DenseSnapshot:
+    def __init__(self, model: nn.Module):
+        prefix, blocks = find_decoder_layers(model)
+        self._params = {f"{prefix}.{name}": p for name, p in blocks.named_parameters()}
+        pin = torch.cuda.is_available()
+        self._copies = {}
+        for name, param in self._params.items():
+            copy = param.detach().to("cpu", copy=True)
+            self._copies[name] = copy.pin_memory() if pin else copy
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, param in self._params.items():
+            param.copy_(self._copies[name], non_blocking=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._copies.values())
