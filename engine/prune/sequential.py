@@ -19,6 +19,7 @@ from torch import nn
 
 from engine.prune.layers import find_decoder_layers, linear_layers, move
 from engine.prune.pruners import Pruner, check_sparsity_fits
+from engine.prune.sparsegpt_math import CholeskyError
 from engine.prune.sparsity import Sparsity
 from engine.prune.statistics import InputStatistics, relative_output_error
 
@@ -202,7 +203,10 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
                 full_name = f"{prefix}.{index}.{name}"
                 stats = hooks.statistics_for(name) if hooks else None
                 dense = linear.weight.detach().clone() if measure_error else None
-                out = pruner.prune(linear.weight, stats, sparsity)
+                try:
+                    out = pruner.prune(linear.weight, stats, sparsity)
+                except CholeskyError as err:
+                    raise CholeskyError(f"{full_name}: {err}") from None
                 linear.weight.copy_(out.weight.to(linear.weight.dtype))
                 report = LinearReport(full_name, tuple(linear.weight.shape), float(out.mask.float().mean()),
                                       info=dict(out.info))
