@@ -118,14 +118,15 @@ def _html(study: Study, plan: Plan, meta: dict, dense, seconds: float) -> str:
                [[r["model"], r["language"], r["tokens"], r["bytes"], r["token_perplexity"], r["bits_per_byte"]]
                 for r in dense.iter_rows(named=True)]),
     ]
-    heldout = meta.get("heldout") or {}
-    if heldout:
-        rows = []
-        for model, per_lang in heldout.items():
-            for lang, numbers in per_lang.items():
-                rows.append([model, lang, numbers.get("model_loss"), numbers.get("unigram_loss"),
-                             numbers.get("unigram_loss", 0) - numbers.get("model_loss", 0)])
-        sections += ["<h2>Demo models against a unigram baseline (nats per token)</h2>",
+    models = meta.get("models") or {}
+    if models:
+        rows = [[name, lang, n["loss"], n["unigram_loss"], n["margin"]]
+                for name, info in models.items() for lang, n in info.get("heldout", {}).items()]
+        sections += ["<h2>Demo models</h2>",
+                     _table(["model", "architecture", "parameters", "training tokens", "training seconds"],
+                            [[name, info["model_type"], f"{info['parameters']:,}", f"{info['training']['tokens']:,}",
+                              info["training"]["seconds"]] for name, info in models.items()]),
+                     "<h3>Held-out loss against a unigram baseline (nats per token)</h3>",
                      _table(["model", "language", "model loss", "unigram loss", "margin"], rows)]
     sources = meta.get("sources") or []
     if sources:

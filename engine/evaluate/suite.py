@@ -13,7 +13,7 @@ def language_tokens(tokenizer, texts: Sequence[str], max_tokens: int | None) -> 
     """The language's evaluation text as one token stream (documents joined by a blank line), cut to
     `max_tokens` at a token boundary; returns the ids and the UTF-8 bytes they spell."""
     joined = DOCUMENT_SEPARATOR.join(texts)
-    ids = tokenizer(joined, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(joined, add_special_tokens=False, verbose=False)["input_ids"]
     if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[:max_tokens]
         spelled = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)

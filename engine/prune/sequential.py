@@ -99,8 +99,9 @@ def _block_output(output):
 class _StatisticsHooks:
     """Forward hooks feeding InputStatistics; layers whose input is the very same tensor share one."""
 
-    def __init__(self, linears: dict[str, nn.Linear], with_hessian: bool, device):
+    def __init__(self, linears: dict[str, nn.Linear], with_hessian: bool, device, share: bool = True):
         self.linears = linears
+        self.share = share
         self.with_hessian = with_hessian
         self.device = device
         self.stats: dict[str, InputStatistics] = {}
@@ -117,7 +118,7 @@ class _StatisticsHooks:
         def hook(module, args, output):
             x = args[0]
             identity = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
-            first = self._seen.get(identity)
+            first = self._seen.get(identity) if self.share else None
             if first is not None and first[0] != name:
                 self.shared_with.setdefault(name, first[0])
                 return
@@ -151,10 +152,11 @@ def _peak_bytes(device: torch.device) -> int | None:
 def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, input_ids: torch.Tensor | None = None,
                        attention_mask: torch.Tensor | None = None, targets: list[str] | None = None,
                        device: str | torch.device | None = None, batch_size: int = 8, keep_masks: bool = False,
-                       measure_error: bool = False) -> PruneReport:
+                       measure_error: bool = False, share_statistics: bool = True) -> PruneReport:
     """Prunes `model` in place. `input_ids` (samples, seq_len) are the calibration windows; methods that
     need no calibration (magnitude) take None. `measure_error` accumulates each layer's Hessian (if the
-    method does not already) to report ||WX - W'X||^2 / ||WX||^2."""
+    method does not already) to report ||WX - W'X||^2 / ||WX||^2. `share_statistics=False` gives every
+    linear layer its own statistic (the plain way; for benchmarks)."""
     started = time.perf_counter()
     prefix, blocks = find_decoder_layers(model)
     home = next(model.parameters()).device
@@ -193,7 +195,7 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
             linears = linear_layers(block, targets)
             hooks = None
             if needs_inputs:
-                hooks = _StatisticsHooks(linears, with_hessian, device)
+                hooks = _StatisticsHooks(linears, with_hessian, device, share_statistics)
                 for (args, kwargs), token_mask in zip(inputs, token_masks):
                     hooks.new_forward(token_mask)
                     block(*args, **kwargs)
