@@ -188,15 +188,14 @@ class _Checker:
             identity = self._check_model_source(i, model, where)
             if model.name is not None and not SLUG.match(model.name):
                 self.fail(join_path(where, "name"), f"{model.name!r} must be a short slug: lowercase letters, digits, '.', '_' or '-'")
-            if identity is not None:
-                if identity in seen_identity:
-                    self.fail(where, f"duplicates models[{seen_identity[identity]}] (same model and revision); list each model once")
-                else:
+            if identity is not None and identity in seen_identity:
+                self.fail(where, f"duplicates models[{seen_identity[identity]}] (same model and revision); list each model once")
+            else:
+                if identity is not None:
                     seen_identity[identity] = i
-            label = model.label
-            if label in seen_label and identity not in (None,) and seen_identity.get(identity) == i:
-                self.fail(join_path(where, "name"), f"label {label!r} is already used by models[{seen_label[label]}]; give each model a distinct name")
-            seen_label.setdefault(label, i)
+                if model.label in seen_label:
+                    self.fail(join_path(where, "name"), f"label {model.label!r} is already used by models[{seen_label[model.label]}]; give each model a distinct name")
+                seen_label.setdefault(model.label, i)
             for what, needed in (("calibration.seq_len", self.spec.calibration.seq_len),
                                  ("evaluation.perplexity.window", self.spec.evaluation.perplexity.window if self.spec.evaluation.perplexity else 0)):
                 if needed > model.max_seq_len:

@@ -244,3 +244,10 @@ def test_unpinned_hub_revision_warns_but_passes(tmp_path, hub_study, capsys):
     code, out, err = run_cli(capsys, "validate", str(write_study(tmp_path, study)))
     assert code == 0
     assert "warning: models[0].revision: org/model-a is not pinned" in err
+
+
+def test_model_labels_must_be_distinct(tmp_path, hub_study, capsys):
+    study = mutate(hub_study, "models.1.name", "m1")
+    assert_rejected(capsys, write_study(tmp_path, study), "models[1].name: label 'm1' is already used by models[0]")
+    study = mutate(hub_study, "models.1", {"hub": "other/m1", "revision": "x"})  # derived label 'm1' clashes too
+    assert_rejected(capsys, write_study(tmp_path, study), "models[1].name: label 'm1' is already used by models[0]")

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.demo.recipe import ModelRecipe, TrainRecipe
 from engine.demo.corpus import (
     DEMO_LANGUAGES,
     SPLITS,
@@ -44,42 +45,6 @@ METADATA = "metadata.json"
 ENV_ROOT = "SWEEP_DEMO_DIR"
 
 Log = Callable[[str], None]
-
-
-# Kept free of torch/transformers imports: mirrors engine.demo.train's dataclasses field by field would
-# duplicate them, so the recipe holds plain typed specs and train.py's classes are built from them.
-@dataclass(frozen=True)
-class ModelRecipe:
-    name: str
-    architecture: str  # "llama" or "cohere"
-    # Sized for a 2-core AVX2 CPU without native bf16 (float32 training, ~6,000 tokens/s): a wider
-    # model sees too few tokens in the time budget to pull clearly below the unigram baseline.
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2  # grouped-query attention, as in Llama-3 and Aya-23
-    intermediate_size: int = 448
-    max_position_embeddings: int = 512
-    rope_theta: float = 500_000.0
-    logit_scale: float = 0.5  # cohere only
-
-
-@dataclass(frozen=True)
-class TrainRecipe:
-    seq_len: int = 128
-    batch_size: int = 16
-    steps: int = 450
-    lr: float = 5e-3
-    warmup_steps: int = 45
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    threads: int = 2
-    precision: str = "auto"  # "auto": bf16 autocast where the CPU has native bf16, else float32
-
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.batch_size * self.seq_len
 
 
 DEFAULT_MODELS: tuple[ModelRecipe, ...] = (
@@ -336,20 +301,14 @@ def _train_one(spec: ModelRecipe, index: int, recipe: DemoRecipe, tokenizer, str
                log: Log) -> dict:
     from engine.demo import heldout, train as train_mod
 
-    model_spec = train_mod.ModelSpec(**dataclasses.asdict(spec))
-    config = train_mod.model_config(model_spec, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config = train_mod.model_config(spec, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     seed = recipe.seed * 1000 + index
     model = train_mod.build_model(config, seed)
     r = recipe.train
     precision = train_mod.resolve_precision(r.precision)
-    train_config = train_mod.TrainConfig(
-        seq_len=r.seq_len, batch_size=r.batch_size, steps=r.steps, lr=r.lr, warmup_steps=r.warmup_steps,
-        min_lr_ratio=r.min_lr_ratio, weight_decay=r.weight_decay, grad_clip=r.grad_clip, threads=r.threads,
-        bf16=precision == "bf16",
-    )
     log(f"  {spec.name} ({spec.architecture}, {train_mod.count_parameters(model):,} parameters, {precision}): "
         f"{r.steps} steps x {r.batch_size} x {r.seq_len} tokens")
-    result = train_mod.train(model, streams["calibration"], train_config, seed, log=log)
+    result = train_mod.train(model, streams["calibration"], r, seed, bf16=precision == "bf16", log=log)
     train_mod.save_model(model, tokenizer, directory)
 
     t0 = time.perf_counter()

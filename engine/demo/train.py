@@ -11,47 +11,9 @@ import torch
 from transformers import CohereConfig, LlamaConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import AutoModelForCausalLM
 
-ARCHITECTURES = ("llama", "cohere")
+from engine.demo.recipe import ModelRecipe, TrainRecipe
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    architecture: str  # "llama" or "cohere"
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 448
-    max_position_embeddings: int = 512
-    rope_theta: float = 500_000.0
-    # Cohere only: its output logits are multiplied by this (Aya-23 uses 0.0625 at hidden 4096; a
-    # hidden-128 model with tied embeddings would spend much of its short training growing its logits).
-    logit_scale: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    seq_len: int = 128
-    batch_size: int = 16
-    steps: int = 450
-    lr: float = 5e-3
-    warmup_steps: int = 45
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    threads: int = 2
-    bf16: bool = True
-
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.batch_size * self.seq_len
+ADAM_BETAS = (0.9, 0.95)
 
 
 @dataclass(frozen=True)
@@ -82,7 +44,7 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def model_config(spec: ModelSpec, vocab_size: int, eos_token_id: int, pad_token_id: int) -> PreTrainedConfig:
+def model_config(spec: ModelRecipe, vocab_size: int, eos_token_id: int, pad_token_id: int) -> PreTrainedConfig:
     common = dict(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
@@ -113,7 +75,7 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
+def lr_at(step: int, config: TrainRecipe) -> float:
     """Linear warmup to config.lr, then cosine decay to config.lr * config.min_lr_ratio."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -156,7 +118,7 @@ def sample_batch(
     return torch.stack(rows)
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, config: TrainRecipe) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         # Norm weights and biases are not decayed; matrices (embeddings included) are.
@@ -164,15 +126,16 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
-        betas=(config.beta1, config.beta2),
+        betas=ADAM_BETAS,
     )
 
 
 def train(
     model: PreTrainedModel,
     streams: Mapping[str, torch.Tensor],
-    config: TrainConfig,
+    config: TrainRecipe,
     seed: int,
+    bf16: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     torch.set_num_threads(config.threads)
@@ -187,7 +150,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
         batch = sample_batch(streams, step, config.batch_size, config.seq_len, generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
