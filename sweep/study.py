@@ -199,7 +199,7 @@ class _Checker:
             for what, needed in (("calibration.seq_len", self.spec.calibration.seq_len),
                                  ("evaluation.perplexity.window", self.spec.evaluation.perplexity.window if self.spec.evaluation.perplexity else 0)):
                 if needed > model.max_seq_len:
-                    self.fail(what, f"{needed} exceeds models[{i}].max_seq_len ({model.max_seq_len}) of {label!r}")
+                    self.fail(what, f"{needed} exceeds models[{i}].max_seq_len ({model.max_seq_len}) of {model.label!r}")
 
     def _check_model_source(self, i: int, model: ModelSpec, where: str) -> tuple | None:
         if (model.hub is None) == (model.path is None):
