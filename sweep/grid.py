@@ -17,7 +17,7 @@ from typing import Any
 from engine.data.local_files import find_language_files
 from engine.prune.params import PRUNER_PARAMS
 from engine.prune.sparsity import Sparsity, parse_sparsity
-from sweep.fingerprint import files_fingerprint, model_dir_fingerprint
+from engine.fingerprint import files_fingerprint, model_dir_fingerprint
 from sweep.spec import ModelSpec, PrunerSpec, TextSource
 from sweep.study import LanguageMix, Study
 

@@ -158,3 +158,14 @@ def test_bad_inputs_fail_clearly():
 
     with pytest.raises(DecoderLayersNotFound, match="cannot find the decoder layers of NotATransformer"):
         prune_sequentially(NotATransformer(), make_pruner("magnitude"), parse_sparsity(0.5))
+
+
+def test_pruned_model_saves_in_hugging_face_format(tmp_path):
+    model = build("mistral")
+    prune_sequentially(model, make_pruner("sparsegpt"), parse_sparsity("2:4"), calibration())
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    for (name, a), (_, b) in zip(model.named_parameters(), reloaded.named_parameters()):
+        assert torch.equal(a, b), name
+    ids = calibration(1, 12, seed=5)
+    assert torch.allclose(model(ids).logits, reloaded(ids).logits)

@@ -9,8 +9,12 @@ sample budget across its languages by largest remainder, each language drawn wit
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -73,3 +77,80 @@ def pack_windows(documents: Iterable[str], encode: Callable[[str], list[int]], s
             f"{request.seq_len} tokens need {needed}. Lower samples or seq_len, or add text.")
     return torch.tensor(stream[:needed], dtype=torch.long).view(request.samples, request.seq_len)
 
+
+
+CACHE_VERSION = 1
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Names the tokenizer's behaviour: its serialized vocabulary, merges, normalizer and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((body + special).encode()).hexdigest()[:24]
+
+
+def calibration_cache_key(tokenizer_id: str, source_identity: dict, weights: Sequence[tuple[str, float]],
+                          request: WindowRequest) -> str:
+    payload = {"version": CACHE_VERSION, "tokenizer": tokenizer_id, "source": source_identity,
+               "languages": [[code, weight] for code, weight in weights], "samples": request.samples,
+               "seq_len": request.seq_len, "seed": request.seed}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def calibration_set(source, tokenizer, weights: Sequence[tuple[str, float]], request: WindowRequest,
+                    cache_dir: Path | None = None, source_fingerprint: str | None = None) -> torch.Tensor:
+    """(samples, seq_len) calibration token ids for a language or mixture, from the cache when present.
+
+    `source` is an engine.data.sources.TextSourceConfig; `source_fingerprint` names the content of a
+    local source (its files), which its configuration alone does not.
+    """
+    from engine.data.sources import documents
+    from engine.languages import get_language
+
+    identity = {**source.identity(), "content": source_fingerprint}
+    key = calibration_cache_key(tokenizer_fingerprint(tokenizer), identity, weights, request)
+    path = Path(cache_dir) / "calibration" / f"{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        cached = _read_cached(path)
+        if cached is not None and tuple(cached.shape) == (request.samples, request.seq_len):
+            return cached
+    separator = tokenizer.eos_token_id
+    if separator is None:
+        raise ValueError("the tokenizer has no EOS token to separate calibration documents with")
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    parts = []
+    for code, count in split_budget(weights, request.samples).items():
+        if count == 0:
+            continue
+        language = get_language(code)
+        seed = language_seed(request.seed, code)
+        parts.append(pack_windows(documents(source, language, seed), encode, separator,
+                                  WindowRequest(count, request.seq_len, seed), what=source.describe(language)))
+    windows = torch.cat(parts)
+    if path is not None:
+        _write_cached(path, windows, {"key": key, "languages": json.dumps(list(weights))})
+    return windows
+
+
+def _read_cached(path: Path) -> torch.Tensor | None:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))["input_ids"]
+    except Exception:  # a corrupt or foreign file is rebuilt, never trusted
+        return None
+
+
+def _write_cached(path: Path, windows: torch.Tensor, metadata: dict[str, str]) -> None:
+    """Unique temporary name, then an atomic rename: two processes filling one entry both write whole
+    files, and the reader sees one or the other, never a mixture."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    save_file({"input_ids": windows.contiguous()}, str(temporary), metadata=metadata)
+    os.replace(temporary, path)
