@@ -6,6 +6,7 @@ Issue 4 grows the benchmark columns; the study-file validator already relies on 
 from __future__ import annotations
 
 import difflib
+import string
 from dataclasses import dataclass
 
 
@@ -105,3 +106,47 @@ def closest_codes(code: str, n: int = 3) -> list[str]:
     if lowered in by_iso3:
         return [by_iso3[lowered]]
     return difflib.get_close_matches(lowered, list(LANGUAGES), n=n, cutoff=0.5)
+
+
+# Which of a language's codes each benchmark family uses in its lm-eval task names, so a study can write
+# `belebele_{lang}` and get belebele_deu_Latn. Families not listed use the ISO 639-1 code.
+BENCHMARK_CODE_FIELD: dict[str, str] = {
+    "belebele": "flores",
+    "flores": "flores",
+    "xnli": "code",
+    "xstorycloze": "code",
+    "xcopa": "code",
+    "xwinograd": "code",
+    "arc": "code",  # Okapi's multilingual ARC
+    "hellaswag": "code",  # Okapi's multilingual HellaSwag
+    "m_mmlu": "code",  # Okapi's multilingual MMLU
+    "global_mmlu": "code",
+    "mgsm_direct": "code",
+}
+
+
+def benchmark_family(template: str) -> str:
+    """'belebele_{lang}' -> 'belebele'; 'global_mmlu_{lang}' -> 'global_mmlu'."""
+    return template.split("{", 1)[0].rstrip("_")
+
+
+def resolve_task(template: str, code: str) -> str | None:
+    """The lm-eval task name for `template` in language `code`, or None if the language has no code in
+    the scheme the template asks for. `{lang}` means the benchmark family's own code; `{flores}`,
+    `{mc4}`, `{iso639_3}` and `{code}` name a scheme explicitly."""
+    language = get_language(code)
+    field = BENCHMARK_CODE_FIELD.get(benchmark_family(template), "code")
+    codes = {
+        "lang": getattr(language, field),
+        "code": language.code,
+        "flores": language.flores,
+        "mc4": language.mc4,
+        "iso639_3": language.iso639_3,
+    }
+    try:
+        needed = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError:
+        return None
+    if any(codes.get(name) is None for name in needed):
+        return None
+    return template.format(**codes)

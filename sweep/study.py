@@ -25,7 +25,7 @@ from sweep.pydantic_errors import problems_from_validation_error
 from sweep.spec import HUB_ID, SLUG, MixSpec, ModelSpec, StudySpec, TextSource
 from sweep.yaml_loader import StudyFileError, load_yaml_file, load_yaml_text
 
-SOURCE_CODE_FIELDS = ("lang", "mc4", "flores", "iso639_3")
+SOURCE_CODE_FIELDS = ("lang", "code", "mc4", "flores", "iso639_3")
 
 
 @dataclass(frozen=True)
@@ -379,6 +379,10 @@ class _Checker:
                     missing = self._language_available(ev.perplexity.source, root, code)
                     if missing:
                         self.fail(join_path("evaluation", "languages", j), f"no perplexity text: {missing}")
+        for j, folder in enumerate(ev.include_paths):
+            resolved = resolve_path(folder, self.base_dir)
+            if not resolved.is_dir():
+                self.fail(join_path("evaluation", "include_paths", j), f"{resolved} is not a directory of lm-eval task YAML files")
         if ev.perplexity is None and not ev.tasks:
             self.fail("evaluation", "measures nothing: add perplexity: and/or tasks:")
         for t, task in enumerate(ev.tasks):

@@ -23,7 +23,7 @@ class MissingLanguageText(ValueError):
 class TextSourceConfig:
     kind: Literal["hub", "local"]
     dataset: str | None = None  # hub: owner/name, or a local directory laid out like the hub repository
-    config: str | None = None  # template: {lang} {mc4} {flores} {iso639_3}
+    config: str | None = None  # template: {lang} (= {code}, ISO 639-1) {mc4} {flores} {iso639_3}
     revision: str | None = None
     split: str | None = None
     text_field: str = "text"
@@ -32,7 +32,8 @@ class TextSourceConfig:
     def config_for(self, language: Language) -> str | None:
         if self.config is None:
             return None
-        codes = {"lang": language.code, "mc4": language.mc4, "flores": language.flores, "iso639_3": language.iso639_3}
+        codes = {"lang": language.code, "code": language.code, "mc4": language.mc4, "flores": language.flores,
+                 "iso639_3": language.iso639_3}
         missing = [name for name, code in codes.items() if code is None and "{" + name + "}" in self.config]
         if missing:
             raise MissingLanguageText(f"{self.dataset} has no {{{missing[0]}}} code for {language.name} ({language.code})")

@@ -121,7 +121,6 @@ def task_yaml(lang: str, data_file: Path) -> str:
     """One language's task config (JSON is valid YAML; it keeps quoting of paths and '' exact)."""
     config = {
         "task": task_name(lang),
-        "tag": [f"{TASK_PREFIX}_tasks"],
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(data_file)}},
         "test_split": "test",

@@ -1,0 +1,207 @@
+"""One trial: calibrate -> prune -> evaluate -> restore, on a model that is already loaded.
+
+`run_trial(config, loaded)` is what a Ray actor, a test or a notebook calls alike. Small metrics come
+back in the result; large artifacts (masks) are written to files and referenced by path. The dense
+weights are restored whatever happens, so the next trial starts from the same model.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.data.calibration import WindowRequest, calibration_set
+from engine.data.sources import TextSourceConfig, documents
+from engine.evaluate.suite import perplexity_by_language
+from engine.languages import get_language
+from engine.models import ModelSource, load_model
+from engine.prune.mask_io import save_masks
+from engine.prune.pruners import make_pruner
+from engine.prune.sequential import prune_sequentially
+from engine.prune.sparsity import parse_sparsity
+from engine.snapshot import DenseSnapshot
+
+
+class TrialFailed(RuntimeError):
+    """The trial ran but its result is not usable (e.g. a non-finite perplexity); `reason` says why."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    source: TextSourceConfig
+    weights: tuple[tuple[str, float], ...]
+    samples: int
+    seq_len: int
+    seed: int
+    source_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    method: str
+    sparsity: str
+    params: dict = field(default_factory=dict)
+    targets: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class PerplexityConfig:
+    source: TextSourceConfig
+    window: int
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str  # resolved lm-eval task name
+    language: str
+    shots: int = 0
+    limit: int | float | None = None
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    languages: tuple[str, ...]
+    perplexity: PerplexityConfig | None = None
+    tasks: tuple[TaskConfig, ...] = ()
+    include_paths: tuple[Path, ...] = ()
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    key: str
+    name: str
+    evaluation: EvaluationConfig
+    pruning: PruningConfig | None = None  # None: the dense baseline
+    calibration: CalibrationConfig | None = None
+    artifacts_dir: Path | None = None
+    save_masks: bool = False
+    device: str = "cpu"
+    cache_dir: Path | None = None
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    model: torch.nn.Module
+    tokenizer: object
+    snapshot: DenseSnapshot
+    seconds: float
+    _texts: dict = field(default_factory=dict)
+
+    def evaluation_texts(self, config: PerplexityConfig, language: str) -> list[str]:
+        """The same documents for every trial (stored order), read once per loaded model."""
+        key = (config.source, language)
+        if key not in self._texts:
+            self._texts[key] = list(documents(config.source, get_language(language), seed=None)) \
+                if config.source.kind == "local" else _first_documents(config, language, self.tokenizer)
+        return self._texts[key]
+
+
+def _first_documents(config: PerplexityConfig, language: str, tokenizer) -> list[str]:
+    """Hub evaluation text: documents in stored order until `max_tokens` is covered (all if unset)."""
+    texts, tokens = [], 0
+    for text in documents(config.source, get_language(language), seed=None):
+        texts.append(text)
+        tokens += len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if config.max_tokens is not None and tokens >= config.max_tokens:
+            break
+    return texts
+
+
+def load(source: ModelSource) -> LoadedModel:
+    started = time.perf_counter()
+    model, tokenizer = load_model(source)
+    return LoadedModel(source, model, tokenizer, DenseSnapshot(model), time.perf_counter() - started)
+
+
+def run_trial(config: TrialConfig, loaded: LoadedModel) -> dict:
+    timings: dict[str, float] = {}
+    result: dict = {"key": config.key, "name": config.name, "dense": config.pruning is None}
+    try:
+        if config.pruning is not None:
+            result["pruning"] = _prune(config, loaded, timings)
+        result["metrics"] = _evaluate(config, loaded, timings)
+    finally:
+        started = time.perf_counter()
+        loaded.snapshot.restore()
+        timings["restore"] = time.perf_counter() - started
+    result["timings"] = timings
+    return result
+
+
+def _prune(config: TrialConfig, loaded: LoadedModel, timings: dict) -> dict:
+    pruning = config.pruning
+    pruner = make_pruner(pruning.method, pruning.params)
+    calibration = None
+    if pruner.needs_inputs:
+        if config.calibration is None:
+            raise ValueError(f"{pruning.method} needs calibration data; the trial has none")
+        cal = config.calibration
+        started = time.perf_counter()
+        calibration = calibration_set(cal.source, loaded.tokenizer, cal.weights,
+                                      WindowRequest(cal.samples, cal.seq_len, cal.seed), config.cache_dir,
+                                      cal.source_fingerprint)
+        timings["calibration"] = time.perf_counter() - started
+    started = time.perf_counter()
+    report = prune_sequentially(loaded.model, pruner, parse_sparsity(pruning.sparsity), calibration,
+                                targets=list(pruning.targets) if pruning.targets else None, device=config.device,
+                                keep_masks=config.save_masks)
+    timings["pruning"] = time.perf_counter() - started
+    summary = {
+        "method": report.method,
+        "sparsity": report.sparsity,
+        "calibration_tokens": report.calibration_tokens,
+        "statistics_computed": report.statistics_computed,
+        "layers_pruned": len(report.layers),
+        "mean_layer_sparsity": sum(r.sparsity for r in report.layers) / max(1, len(report.layers)),
+        "extra_dampening": report.extra_dampening,
+        "peak_accelerator_bytes": report.peak_accelerator_bytes,
+    }
+    if config.save_masks and config.artifacts_dir is not None:
+        path = Path(config.artifacts_dir) / "masks.safetensors"
+        save_masks(path, report.masks, {"trial": config.key, "method": report.method, "sparsity": report.sparsity})
+        summary["masks_path"] = str(path)
+    return summary
+
+
+def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict) -> list[dict]:
+    ev = config.evaluation
+    rows: list[dict] = []
+    if ev.perplexity is not None:
+        started = time.perf_counter()
+        texts = {lang: loaded.evaluation_texts(ev.perplexity, lang) for lang in ev.languages}
+        results = perplexity_by_language(loaded.model, loaded.tokenizer, texts, ev.perplexity.window,
+                                         ev.perplexity.max_tokens, ev.batch_size)
+        for lang, res in results.items():
+            if not (math.isfinite(res.bits_per_byte) and math.isfinite(res.token_perplexity)):
+                raise TrialFailed(f"non-finite perplexity in {lang} (NLL {res.nll}); not averaged in")
+            for metric in ("bits_per_byte", "token_perplexity", "loss"):
+                rows.append({"language": lang, "task": "perplexity", "metric": metric,
+                             "value": getattr(res, metric), "tokens": res.tokens, "bytes": res.bytes,
+                             "window": res.window})
+        timings["perplexity"] = time.perf_counter() - started
+    if ev.tasks:
+        from engine.evaluate.tasks import TaskRequest, run_tasks
+
+        started = time.perf_counter()
+        requests = [TaskRequest(t.name, t.shots, t.limit) for t in ev.tasks]
+        out = run_tasks(loaded.model, loaded.tokenizer, requests, include_path=list(ev.include_paths) or None,
+                        batch_size=ev.batch_size, device=config.device)
+        by_name = {t.name: t for t in ev.tasks}
+        for name, task in out["tasks"].items():
+            if name not in by_name:
+                continue  # a group's subtasks are reported under the names the study asked for
+            for metric, value in task["metrics"].items():
+                rows.append({"language": by_name[name].language, "task": name, "metric": metric, "value": value,
+                             "samples": task.get("samples"), "shots": by_name[name].shots})
+        timings["tasks"] = time.perf_counter() - started
+    return rows

@@ -1,0 +1,80 @@
+"""From a planned trial (sweep.grid.TrialSpec) to what the engine runs (engine.trial.TrialConfig)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.data.local_files import find_language_files
+from engine.data.sources import TextSourceConfig
+from engine.fingerprint import files_fingerprint
+from engine.languages import resolve_task
+from engine.models import ModelSource
+from engine.trial import (CalibrationConfig, EvaluationConfig, PerplexityConfig, PruningConfig, TaskConfig,
+                          TrialConfig)
+from sweep.grid import TrialSpec
+from sweep.spec import TextSource
+from sweep.study import Study
+
+
+def text_source(study: Study, source: TextSource) -> TextSourceConfig:
+    return TextSourceConfig(kind=source.kind, dataset=source.dataset, config=source.config, revision=source.revision,
+                            split=source.split, text_field=source.text_field,
+                            path=study.resolve(source.path) if source.path else None)
+
+
+def model_source(study: Study, index: int, device: str = "cpu") -> ModelSource:
+    spec = study.spec.models[index]
+    name = spec.hub if spec.hub is not None else str(study.model_paths[index])
+    return ModelSource(name, spec.revision, spec.dtype, spec.trust_remote_code, device)
+
+
+def resolved_tasks(study: Study) -> tuple[list[TaskConfig], list[tuple[str, str]]]:
+    """The study's lm-eval tasks per target language, and the (template, language) pairs a benchmark
+    lacks (reported as missing, never skipped silently)."""
+    ev = study.spec.evaluation
+    tasks, missing = [], []
+    for task in ev.tasks:
+        for lang in task.languages or ev.languages:
+            name = resolve_task(task.task, lang)
+            if name is None:
+                missing.append((task.task, lang))
+            else:
+                tasks.append(TaskConfig(name=name, language=lang, shots=task.shots, limit=task.limit))
+    return tasks, missing
+
+
+def evaluation_config(study: Study, tasks: list[TaskConfig] | None = None) -> EvaluationConfig:
+    ev = study.spec.evaluation
+    perplexity = None
+    if ev.perplexity is not None:
+        perplexity = PerplexityConfig(text_source(study, ev.perplexity.source), ev.perplexity.window,
+                                      ev.perplexity.max_tokens)
+    if tasks is None:
+        tasks, _ = resolved_tasks(study)
+    return EvaluationConfig(languages=tuple(ev.languages), perplexity=perplexity, tasks=tuple(tasks),
+                            include_paths=tuple(study.resolve(p) for p in ev.include_paths),
+                            batch_size=ev.batch_size)
+
+
+def trial_config(study: Study, trial: TrialSpec, artifacts_dir: Path | None = None, device: str = "cpu",
+                 cache_dir: Path | None = None, evaluation: EvaluationConfig | None = None) -> TrialConfig:
+    spec = study.spec
+    evaluation = evaluation or evaluation_config(study)
+    if trial.is_dense:
+        return TrialConfig(key=trial.key, name=trial.name, evaluation=evaluation, artifacts_dir=artifacts_dir,
+                           device=device, cache_dir=cache_dir)
+    pruner = next(p for p in spec.pruners if p.label == trial.pruner_label)
+    pruning = PruningConfig(method=pruner.method, sparsity=trial.sparsity.canonical(), params=dict(pruner.params),
+                            targets=tuple(pruner.targets) if pruner.targets else None)
+    calibration = None
+    if trial.calibration is not None:
+        cal = spec.calibration
+        source = text_source(study, cal.source)
+        fingerprint = None
+        if source.kind == "local":
+            files = [f for code in trial.calibration.codes for f in find_language_files(source.path, code, source.split)]
+            fingerprint = files_fingerprint(files, source.path)
+        calibration = CalibrationConfig(source=source, weights=trial.calibration.weights, samples=cal.samples,
+                                        seq_len=cal.seq_len, seed=trial.seed, source_fingerprint=fingerprint)
+    return TrialConfig(key=trial.key, name=trial.name, evaluation=evaluation, pruning=pruning, calibration=calibration,
+                       artifacts_dir=artifacts_dir, save_masks=spec.analyses.masks.enabled and spec.analyses.masks.save_masks,
+                       device=device, cache_dir=cache_dir)
