@@ -71,7 +71,7 @@ class EvaluationConfig:
     languages: tuple[str, ...]
     perplexity: PerplexityConfig | None = None
     tasks: tuple[TaskConfig, ...] = ()
-    include_paths: tuple[Path, ...] = ()
+    include_path: Path | None = None
     batch_size: int = 8
 
 
@@ -194,7 +194,7 @@ def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict) -> list[d
 
         started = time.perf_counter()
         requests = [TaskRequest(t.name, t.shots, t.limit) for t in ev.tasks]
-        out = run_tasks(loaded.model, loaded.tokenizer, requests, include_path=list(ev.include_paths) or None,
+        out = run_tasks(loaded.model, loaded.tokenizer, requests, include_path=ev.include_path,
                         batch_size=ev.batch_size, device=config.device)
         by_name = {t.name: t for t in ev.tasks}
         for name, task in out["tasks"].items():

@@ -1,7 +1,7 @@
-"""`sweep demo` (and `make demo`): build the offline demo assets, then run what exists of the demo study.
+"""`sweep demo` (and `make demo`): build the offline demo assets, then run the demo study.
 
-Today that is: validate and plan the study, evaluate each dense model in every target language, and
-write reports/demo/. The scheduler (issue 5) and the report (issue 6) take over from here.
+Until the Ray scheduler and store land (issue 5), the trials run here, in this process, one model
+loaded at a time and reused for all its trials; results go to reports/demo/ (the full report is issue 6).
 """
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ DEMO_STUDY = REPO_ROOT / "sweep" / "studies" / "demo.yaml"
 
 def run_demo(force_assets: bool = False, report_dir: Path = Path("reports/demo"), study_path: Path = DEMO_STUDY) -> int:
     from engine.demo.build import ensure_demo_assets
+    from engine.demo.tasks import ensure_demo_tasks
 
     started = time.perf_counter()
     apply_default_env()
     assets = ensure_demo_assets(force=force_assets)
+    ensure_demo_tasks(assets)
     try:
         study = load_study(study_path)
     except StudyInvalid as err:
@@ -36,53 +38,90 @@ def run_demo(force_assets: bool = False, report_dir: Path = Path("reports/demo")
     from sweep.cli import format_plan
 
     print(format_plan(plan, show_trials=False))
-    dense = evaluate_dense_baselines(study)
+    results = run_in_process(study, plan)
     report_dir = report_dir if report_dir.is_absolute() else Path.cwd() / report_dir
-    write_demo_report(report_dir, study, plan, assets.metadata, dense, time.perf_counter() - started)
+    write_demo_report(report_dir, study, plan, assets.metadata, results, time.perf_counter() - started)
     print(f"report: {report_dir / 'index.html'}")
     return 0
 
 
-def evaluate_dense_baselines(study: Study) -> list[dict]:
-    """Dense perplexity of every model of the study in every target language."""
-    import torch
+def run_in_process(study: Study, plan: Plan) -> list[dict]:
+    """Every trial of the plan, model by model, each model loaded once; one row per trial and metric."""
+    from engine.trial import TrialFailed, load, run_trial
+    from sweep.trials import evaluation_config, model_source, trial_config
 
-    from engine.data.local_files import find_language_files, read_texts
-    from engine.evaluate.suite import perplexity_by_language
-    from engine.models import ModelSource, load_model
-
-    spec = study.spec
-    ppl = spec.evaluation.perplexity
-    if ppl is None or ppl.source.kind != "local":
-        raise SystemExit("the demo evaluates local perplexity text; this study has none")
-    root = study.resolve(ppl.source.path)
-    texts = {lang: read_texts(find_language_files(root, lang, ppl.source.split), ppl.source.text_field)
-             for lang in spec.evaluation.languages}
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = []
-    for index, model_spec in enumerate(spec.models):
-        source = ModelSource(str(study.model_paths[index]), model_spec.revision, model_spec.dtype,
-                             model_spec.trust_remote_code)
-        started = time.perf_counter()
-        model, tokenizer = load_model(source)
-        results = perplexity_by_language(model, tokenizer, texts, ppl.window, ppl.max_tokens, spec.evaluation.batch_size)
-        seconds = time.perf_counter() - started
-        for lang, result in results.items():
-            rows.append({"model": model_spec.label, "language": lang, **result.as_dict()})
-        print(f"  {model_spec.label}: dense perplexity in {len(results)} languages ({seconds:.1f} s)")
+    evaluation = evaluation_config(study)
+    cache_dir = study.output_dir / "cache"
+    rows: list[dict] = []
+    for index, model_spec in enumerate(study.spec.models):
+        trials = [t for t in plan.trials if t.model_index == index]
+        loaded = load(model_source(study, index))
+        print(f"  {model_spec.label}: loaded in {loaded.seconds:.1f} s; {len(trials)} trials")
+        for number, trial in enumerate(trials, 1):
+            config = trial_config(study, trial, evaluation=evaluation, cache_dir=cache_dir)
+            started = time.perf_counter()
+            try:
+                result = run_trial(config, loaded)
+            except TrialFailed as err:
+                print(f"    [{number}/{len(trials)}] {trial.name}: failed: {err.reason}")
+                continue
+            seconds = time.perf_counter() - started
+            print(f"    [{number}/{len(trials)}] {trial.name} ({seconds:.1f} s)")
+            for metric in result["metrics"]:
+                rows.append({
+                    "key": trial.key, "trial": trial.name, "model": trial.model_label,
+                    "pruner": trial.pruner_label or "dense",
+                    "sparsity": trial.sparsity.canonical() if trial.sparsity else "0",
+                    "calibration": trial.calibration.canonical() if trial.calibration else "",
+                    "seed": trial.seed, "target": metric["language"], "task": metric["task"],
+                    "metric": metric["metric"], "value": metric["value"],
+                })
     return rows
 
 
-def write_demo_report(out: Path, study: Study, plan: Plan, asset_metadata: dict, dense: list[dict], seconds: float) -> None:
+def write_demo_report(out: Path, study: Study, plan: Plan, asset_metadata: dict, rows: list[dict], seconds: float) -> None:
     import polars as pl
 
     out.mkdir(parents=True, exist_ok=True)
-    frame = pl.DataFrame(dense)
-    frame.write_csv(out / "dense_perplexity.csv")
+    frame = pl.DataFrame(rows)
+    frame.write_csv(out / "results.csv")
     plan_rows = [{"key": t.key, "name": t.name, "dense": t.is_dense} for t in plan.trials]
     (out / "plan.json").write_text(json.dumps(plan_rows, indent=1) + "\n")
     (out / "assets.json").write_text(json.dumps(asset_metadata, indent=1, sort_keys=True, default=str) + "\n")
     (out / "index.html").write_text(_html(study, plan, asset_metadata, frame, seconds), encoding="utf-8")
+
+
+def calibration_matrices(frame, task: str, metric: str, languages: list[str]) -> list[tuple[str, object]]:
+    """Per (model, pruner, sparsity): calibration language x target language, with the change against
+    the same model's dense baseline; single-language calibrations only, rows in `languages` order."""
+    import polars as pl
+
+    values = frame.filter((pl.col("task") == task) & (pl.col("metric") == metric))
+    dense = values.filter(pl.col("pruner") == "dense").select("model", "target", pl.col("value").alias("dense"))
+    pruned = values.filter((pl.col("pruner") != "dense") & pl.col("calibration").is_in(languages))
+    out = []
+    for (model, pruner, sparsity), group in sorted(pruned.group_by(["model", "pruner", "sparsity"]), key=lambda g: g[0]):
+        matrix = (group.join(dense, on=["model", "target"], how="left")
+                  .with_columns((pl.col("value") - pl.col("dense")).alias("delta"))
+                  .pivot(on="target", index="calibration", values="value")
+                  .with_columns(pl.col("calibration").cast(pl.Enum(languages))).sort("calibration")
+                  .select(["calibration", *[c for c in languages if c in group["target"].unique().to_list()]]))
+        out.append((f"{model} / {pruner} / {sparsity}", matrix))
+    return out
+
+
+def diagonal_wins(matrix, lower_is_better: bool = True) -> tuple[int, int]:
+    """In how many target columns the target's own calibration language is the best row."""
+    wins, columns = 0, 0
+    calibrations = matrix["calibration"].cast(str).to_list()
+    for target in matrix.columns[1:]:
+        if target not in calibrations:
+            continue
+        column = matrix[target].to_list()
+        best = min(column) if lower_is_better else max(column)
+        columns += 1
+        wins += column[calibrations.index(target)] == best
+    return wins, columns
 
 
 def _table(headers: list[str], rows: list[list[object]]) -> str:
@@ -97,27 +136,38 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def _html(study: Study, plan: Plan, meta: dict, dense, seconds: float) -> str:
+def _html(study: Study, plan: Plan, meta: dict, frame, seconds: float) -> str:
     import polars as pl
 
     languages = study.spec.evaluation.languages
-    bpb = dense.pivot(on="language", index="model", values="bits_per_byte").select(["model", *languages])
     sections = [
         f"<h1>Demo study: {html.escape(study.name)}</h1>",
         f"<p>{html.escape(study.spec.description)}</p>",
         "<h2>Grid</h2>",
-        f"<p>{len(plan.trials)} trials: {len(plan.pruned)} pruned + {len(plan.dense)} dense baselines. "
-        "Pruning trials run once the scheduler lands; dense baselines are evaluated below.</p>",
+        f"<p>{len(plan.trials)} trials: {len(plan.pruned)} pruned + {len(plan.dense)} dense baselines, "
+        f"{frame['key'].n_unique() if frame.height else 0} finished.</p>",
         _table(["model", "pruned", "dense"], [[m, c["pruned"], c["dense"]] for m, c in plan.per_model().items()]),
-        "<h2>Dense baselines: bits per byte on held-out text</h2>",
-        f"<p>Non-overlapping windows of {study.spec.evaluation.perplexity.window} tokens. "
-        "Bits per byte compare across languages; token perplexity does not.</p>",
-        _table(list(bpb.columns), [list(r) for r in bpb.iter_rows()]),
-        "<h2>Dense baselines: token perplexity</h2>",
-        _table(["model", "language", "tokens", "bytes", "token perplexity", "bits per byte"],
-               [[r["model"], r["language"], r["tokens"], r["bytes"], r["token_perplexity"], r["bits_per_byte"]]
-                for r in dense.iter_rows(named=True)]),
     ]
+    bpb = frame.filter((pl.col("task") == "perplexity") & (pl.col("metric") == "bits_per_byte"))
+    dense = bpb.filter(pl.col("pruner") == "dense").pivot(on="target", index="model", values="value")
+    sections += ["<h2>Dense baselines: bits per byte on held-out text</h2>",
+                 "<p>Bits per byte compare across languages and tokenizers; token perplexity does not.</p>",
+                 _table(list(dense.columns), [list(r) for r in dense.iter_rows()])]
+    findings, matrices = [], []
+    for title, matrix in calibration_matrices(frame, "perplexity", "bits_per_byte", languages):
+        wins, columns = diagonal_wins(matrix)
+        findings.append(f"{title}: calibrating in the target language gave the lowest bits per byte in {wins} of {columns} languages")
+        matrices += [f"<h3>{html.escape(title)}</h3>",
+                     _table(["calibration \\ target", *matrix.columns[1:]], [list(r) for r in matrix.iter_rows()])]
+    if findings:
+        sections += ["<h2>Findings</h2>", "<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in findings) + "</ul>",
+                     "<h2>Bits per byte: calibration language x target language</h2>", *matrices]
+    tasks = frame.filter((pl.col("task") != "perplexity") & (pl.col("metric") == "acc"))
+    if tasks.height:
+        accuracy = (tasks.with_columns(pl.concat_str([pl.col("pruner"), pl.col("sparsity"), pl.col("calibration")], separator=" ").alias("trial"))
+                    .pivot(on="target", index=["model", "trial"], values="value", aggregate_function="mean"))
+        sections += ["<h2>Downstream accuracy (demo continuation task)</h2>",
+                     _table(list(accuracy.columns), [list(r) for r in accuracy.iter_rows()])]
     models = meta.get("models") or {}
     if models:
         rows = [[name, lang, n["loss"], n["unigram_loss"], n["margin"]]
@@ -132,8 +182,8 @@ def _html(study: Study, plan: Plan, meta: dict, dense, seconds: float) -> str:
     if sources:
         sections += ["<h2>Corpus sources</h2>",
                      _table(["source", "version", "licence", "languages"],
-                            [[s.get("name"), s.get("version"), s.get("license") or s.get("licence"),
-                              ", ".join(s.get("languages", []))] for s in sources])]
+                            [[s.get("name"), s.get("version"), s.get("licence"), ", ".join(s.get("languages", []))]
+                             for s in sources])]
     sections += [
         "<h2>Run</h2>",
         _table(["field", "value"], [
@@ -144,7 +194,7 @@ def _html(study: Study, plan: Plan, meta: dict, dense, seconds: float) -> str:
             ["assets recipe", meta.get("recipe_hash", "")],
         ]),
     ]
-    style = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
+    style = ("body{font-family:system-ui,sans-serif;max-width:64rem;margin:2rem auto;padding:0 1rem;color:#222}"
              "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}"
              "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}")
     return ("<!doctype html><html lang=en><head><meta charset=utf-8><title>demo study</title>"

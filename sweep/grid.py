@@ -127,10 +127,10 @@ class _Identities:
                 "window": ev.perplexity.window,
                 "max_tokens": ev.perplexity.max_tokens,
             }
-        if ev.include_paths:
+        if ev.include_path is not None:
             # Local task definitions change results as much as task names do.
-            folders = [self.study.resolve(p) for p in ev.include_paths]
-            suite["task_files"] = [files_fingerprint([p for p in f.rglob("*") if p.is_file()], f) for f in folders]
+            folder = self.study.resolve(ev.include_path)
+            suite["task_files"] = files_fingerprint([p for p in folder.rglob("*") if p.is_file()], folder)
         suite["tasks"] = sorted(
             ({"task": t.task, "shots": t.shots, "limit": t.limit, "languages": sorted(t.languages or languages)}
              for t in ev.tasks),

@@ -119,8 +119,8 @@ class EvaluationSpec(Strict):
     languages: list[StrictStr] = Field(..., min_length=1, description="target languages")
     perplexity: PerplexitySpec | None = None
     tasks: list[TaskSpec] = Field(default_factory=list)
-    include_paths: list[StrictStr] = Field(
-        default_factory=list, description="folders of extra lm-eval task YAMLs (offline tasks, your own tasks)")
+    include_path: StrictStr | None = Field(
+        None, description="a folder of extra lm-eval task YAMLs (offline tasks, your own tasks)")
     batch_size: StrictInt = Field(8, gt=0)
 
 

@@ -379,10 +379,10 @@ class _Checker:
                     missing = self._language_available(ev.perplexity.source, root, code)
                     if missing:
                         self.fail(join_path("evaluation", "languages", j), f"no perplexity text: {missing}")
-        for j, folder in enumerate(ev.include_paths):
-            resolved = resolve_path(folder, self.base_dir)
+        if ev.include_path is not None:
+            resolved = resolve_path(ev.include_path, self.base_dir)
             if not resolved.is_dir():
-                self.fail(join_path("evaluation", "include_paths", j), f"{resolved} is not a directory of lm-eval task YAML files")
+                self.fail("evaluation.include_path", f"{resolved} is not a directory of lm-eval task YAML files")
         if ev.perplexity is None and not ev.tasks:
             self.fail("evaluation", "measures nothing: add perplexity: and/or tasks:")
         for t, task in enumerate(ev.tasks):

@@ -51,7 +51,7 @@ def evaluation_config(study: Study, tasks: list[TaskConfig] | None = None) -> Ev
     if tasks is None:
         tasks, _ = resolved_tasks(study)
     return EvaluationConfig(languages=tuple(ev.languages), perplexity=perplexity, tasks=tuple(tasks),
-                            include_paths=tuple(study.resolve(p) for p in ev.include_paths),
+                            include_path=study.resolve(ev.include_path) if ev.include_path else None,
                             batch_size=ev.batch_size)
 
 

@@ -1,7 +1,7 @@
 """Offline multilingual lm-eval tasks built from the demo corpus' `tasks` split.
 
 `demo_continuation_<lang>`: pick the true continuation of a paragraph among four. Each document is one
-paragraph of `corpus/<lang>/tasks.jsonl` cut near its middle (at a word boundary; at a character for
+paragraph of `corpus/<lang>/tasks.jsonl` (trimmed to MAX_CHARS) cut near its middle (at a word boundary; at a character for
 scripts written without spaces, e.g. zh) into a context and its true continuation, plus three
 distractor continuations: the second halves of other paragraphs of the same language. The correct
 index is drawn by a seeded RNG, so everything is deterministic from (corpus, seed, GENERATOR_VERSION).
@@ -40,6 +40,9 @@ STAMP = "stamp.json"
 SPLIT = "tasks"
 N_CHOICES = 4
 MIN_CHARS = 80
+# Longer paragraphs are first trimmed to at most this many characters (at a word boundary, or a
+# character for CHARACTER_SCRIPTS): keeps every request short, so evaluating a model stays cheap.
+MAX_CHARS = 400
 # Scripts written without spaces between words: cut at a character, join with no delimiter.
 CHARACTER_SCRIPTS = frozenset({"Hans", "Hant", "Hani", "Jpan", "Thai", "Khmr", "Laoo", "Mymr", "Tibt"})
 
@@ -53,13 +56,24 @@ def cuts_by_character(lang: str) -> bool:
     return language is not None and language.script in CHARACTER_SCRIPTS
 
 
+def trim(text: str, by_character: bool, max_chars: int = MAX_CHARS) -> str:
+    """`text` cut to at most `max_chars` characters: at the last whitespace that fits (word mode), or
+    at `max_chars` (character mode)."""
+    if len(text) <= max_chars:
+        return text
+    if by_character:
+        return text[:max_chars]
+    cut = max((i for i, ch in enumerate(text[: max_chars + 1]) if ch.isspace()), default=None)
+    return text[:cut].rstrip() if cut else text[:max_chars]
+
+
 def split_paragraph(text: str, by_character: bool) -> tuple[str, str] | None:
     """(context, continuation) cut near the middle of `text`, or None if it is too short to cut.
 
     Word mode cuts at the whitespace run nearest the middle and drops it (lm-eval puts the task's
     target delimiter, a space, back between them); character mode cuts at the middle character.
     """
-    text = text.strip()
+    text = trim(text.strip(), by_character)
     if len(text) < MIN_CHARS:
         return None
     middle = len(text) // 2
@@ -163,7 +177,7 @@ def inputs_hash(assets, languages: Sequence[str], seed: int, include_dir: Path) 
     hold absolute data paths)."""
     digest = hashlib.sha256()
     header = {"generator_version": GENERATOR_VERSION, "seed": seed, "languages": list(languages),
-              "include_dir": str(include_dir), "min_chars": MIN_CHARS, "n_choices": N_CHOICES}
+              "include_dir": str(include_dir), "min_chars": MIN_CHARS, "max_chars": MAX_CHARS, "n_choices": N_CHOICES}
     digest.update(json.dumps(header, sort_keys=True).encode())
     for lang in languages:
         digest.update(f"\0{lang}\0".encode())

@@ -18,11 +18,13 @@ Result layout (JSON-serialisable; non-finite floats become null):
                       "stderr": {"acc": 0.1, ...}, "metric_keys": {"acc": "acc,none", ...},
                       "higher_is_better": {"acc": true, ...}, "samples": n, "samples_total": N,
                       "shots": k, "limit": limit, "version": v, "task_hash": sha256 | null,
-                      "config_hash": sha256 | null, "subtasks": [...] (groups only),
+                      "responses_hash": sha256 | null, "config_hash": sha256 | null, "subtasks": [...] (groups only),
                       "requested": bool}}}
 
 `task_hash` is the one lm-eval's EvaluationTracker writes (sha256 over its samples' doc, prompt and
-target hashes); `config_hash` is the sha256 of the task's resolved config as lm-eval reports it.
+target hashes: what was asked); `responses_hash` is a sha256 over the model's log-likelihoods (what
+was answered: equal iff the model's outputs were bit-identical); `config_hash` is the sha256 of the
+task's resolved config as lm-eval reports it. Per-sample records are not kept.
 """
 from __future__ import annotations
 
@@ -157,8 +159,12 @@ def task_index(include_path: Path | None = None) -> frozenset[str]:
         payload = json.loads(path.read_text(encoding="utf-8"))
         names = frozenset(payload["names"])
     except (OSError, ValueError, KeyError, TypeError):
-        manager = task_manager(include_path)
-        names = frozenset(manager.all_tasks)
+        if include_path is None:
+            names = frozenset(task_manager(None).all_tasks)
+        else:
+            # lm-eval indexes each root on its own and keeps the first of clashing names, so the names
+            # it knows are the built-ins' (cached once per version) plus the include path's (fast).
+            names = task_index(None) | frozenset(task_manager(include_path, include_defaults=False).all_tasks)
         _atomic_write_json(path, {
             "lm_eval_version": lm_eval_version(),
             "include_path": str(Path(include_path).resolve()) if include_path is not None else None,
@@ -169,13 +175,27 @@ def task_index(include_path: Path | None = None) -> frozenset[str]:
     return names
 
 
+def close_names(name: str, known: Iterable[str], n: int = 8, cutoff: float = 0.6) -> list[str]:
+    """difflib's close matches, best first, ties broken alphabetically (get_close_matches breaks them
+    in reverse, which for 'xnli_xx' shows xnli_zh, xnli_vi, ... before xnli_en)."""
+    matcher = difflib.SequenceMatcher()
+    matcher.set_seq2(name)
+    scored = []
+    for candidate in known:
+        matcher.set_seq1(candidate)
+        if (matcher.real_quick_ratio() >= cutoff and matcher.quick_ratio() >= cutoff
+                and (ratio := matcher.ratio()) >= cutoff):
+            scored.append((-ratio, candidate))
+    return [candidate for _, candidate in sorted(scored)[:n]]
+
+
 def check_task_names(names: Iterable[str], include_path: Path | None = None) -> None:
     """Raises UnknownTaskError listing every name lm-eval does not know, with close names for each."""
     known = task_index(include_path)
     unknown = {}
     for name in names:
         if name not in known and name not in unknown:
-            unknown[name] = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+            unknown[name] = close_names(name, known)
     if unknown:
         raise UnknownTaskError(unknown, include_path)
 
@@ -217,6 +237,13 @@ def _task_hash(samples: Sequence[Mapping]) -> str:
     from lm_eval.utils import hash_string
 
     return hash_string("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in samples))
+
+
+def _responses_hash(samples: Sequence[Mapping]) -> str:
+    """sha256 over each sample's doc id and filtered model responses (log-likelihoods at full float
+    precision): equal iff the model answered every request identically."""
+    payload = [[s.get("doc_id"), s.get("filter"), s.get("filtered_resps")] for s in samples]
+    return hashlib.sha256(json.dumps(payload, default=repr).encode()).hexdigest()
 
 
 def _json_safe(value):
@@ -263,25 +290,57 @@ def _collect(raw: Mapping, request_names: set[str], shots: int, limit) -> dict[s
                 "sample_len")
             entry["samples_total"] = sum(n_samples.get(t, {}).get("original", 0) for t in subtasks) or None
             entry["task_hash"] = None
+            entry["responses_hash"] = None
             entry["config_hash"] = None
         else:
             counts = n_samples.get(name, {})
             entry["samples"] = counts.get("effective", row.get("sample_len"))
             entry["samples_total"] = counts.get("original")
             entry["task_hash"] = _task_hash(samples[name]) if name in samples else None
+            entry["responses_hash"] = _responses_hash(samples[name]) if name in samples else None
             config = raw.get("configs", {}).get(name)
             entry["config_hash"] = _sha256_json(config) if config is not None else None
         out[name] = _json_safe(entry)
     return out
 
 
-def _manager_for(names: Sequence[str], include_path: Path | None):
-    """The include path's tasks alone when every name (and what it needs) lives there: indexing them
-    takes milliseconds, where all built-ins take seconds. Otherwise built-ins plus the include path."""
+def _local_closure(local, names: Sequence[str]) -> set[str] | None:
+    """Every task and group that loading `names` from `local` touches, or None when one of them is not
+    defined there (a tag, an inline dict child, or a name only lm-eval's built-ins define)."""
+    index = local.task_index
+    seen: set[str] = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        entry = index.get(name)
+        if entry is None or entry.kind.name not in ("TASK", "PY_TASK", "GROUP"):
+            return None
+        if entry.kind.name == "GROUP":
+            children = (entry.cfg or {}).get("task", [])
+            for child in children if isinstance(children, list) else [children]:
+                if not isinstance(child, str):
+                    return None
+                stack.append(child)
+    return seen
+
+
+def manager_for(names: Sequence[str], include_path: Path | None):
+    """The TaskManager to load `names` with, and whether it is the include path's alone.
+
+    Indexing only the include path takes milliseconds where all built-ins take seconds, so that is
+    used when everything the names need is defined there and nothing of it is also a built-in name
+    (lm-eval keeps the built-in on a clash, so a full manager would load something else). Otherwise
+    the names are checked against the disk-cached index (UnknownTaskError) and a full manager is used.
+    """
     if include_path is not None:
         local = task_manager(include_path, include_defaults=False)
-        if all(name in local.all_tasks for name in names):
+        closure = _local_closure(local, names)
+        if closure is not None and not closure & task_index(None):
             return local, True
+    check_task_names(names, include_path)
     return task_manager(include_path, include_defaults=True), False
 
 
@@ -314,19 +373,13 @@ def run_tasks(model, tokenizer, requests: Sequence[TaskRequest], include_path: P
     for request in requests:
         groups.setdefault((request.shots, request.limit), []).append(request.name)
 
-    local = None
-    if include is not None:
-        local = task_manager(include, include_defaults=False)
-    if local is None or not all(r.name in local.all_tasks for r in requests):
-        check_task_names([r.name for r in requests], include)
-
+    manager, _ = manager_for([r.name for r in requests], include)
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
               device=device)
     results: dict[str, dict] = {}
     try:
         for (shots, limit), names in groups.items():
-            manager, _ = _manager_for(names, include)
             raw = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=list(names),
