@@ -50,6 +50,7 @@ def run(hidden: int, tokens: int, seq_len: int, method: str, sparsity: str, shar
         "hidden": hidden, "tokens": ids.numel(), "method": method, "sparsity": sparsity,
         "shared_statistics": share, "seconds": time.perf_counter() - started,
         "statistics": report.statistics_computed,
+        "statistics_mib": report.peak_statistics_bytes / 2**20,
         "peak_accelerator_mib": (report.peak_accelerator_bytes or 0) / 2**20 if device == "cuda" else None,
         "peak_rss_mib": peak_rss_mib(),
     }
@@ -70,7 +71,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
     rows = []
-    print(f"{'hidden':>6} {'tokens':>7} {'method':>9} {'plain s':>8} {'shared s':>8} {'ratio':>6} {'stats':>7}")
+    print(f"{'hidden':>6} {'tokens':>7} {'method':>9} {'plain s':>8} {'shared s':>8} {'ratio':>6} {'stats':>7} "
+          f"{'stats MiB plain -> shared':>26}")
     for hidden in args.hidden:
         for method in args.methods:
             timings = {}
@@ -81,7 +83,8 @@ def main() -> None:
                 timings[share] = best
             plain, shared = timings[False], timings[True]
             print(f"{hidden:>6} {shared['tokens']:>7} {method:>9} {plain['seconds']:>8.2f} {shared['seconds']:>8.2f} "
-                  f"{plain['seconds'] / shared['seconds']:>5.2f}x {plain['statistics']:>3}->{shared['statistics']}")
+                  f"{plain['seconds'] / shared['seconds']:>5.2f}x {plain['statistics']:>3}->{shared['statistics']} "
+                  f"{plain['statistics_mib']:>12.1f} -> {shared['statistics_mib']:.1f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1)

@@ -55,6 +55,13 @@ class LanguageMix:
 
 
 @dataclass(frozen=True)
+class ResolvedTask:
+    index: int  # evaluation.tasks[index]
+    language: str
+    name: str | None  # the lm-eval task name; None when the language has no code in the benchmark's scheme
+
+
+@dataclass(frozen=True)
 class Study:
     spec: StudySpec
     source: str  # the study file (or "<text>")
@@ -62,6 +69,8 @@ class Study:
     model_paths: dict[int, Path] = field(default_factory=dict)  # models[i].path, resolved
     calibration_mixes: tuple[LanguageMix, ...] = ()
     warnings: tuple[Problem, ...] = ()
+    tasks: tuple[ResolvedTask, ...] = ()  # lm-eval tasks that exist, per target language
+    missing_tasks: tuple[ResolvedTask, ...] = ()  # (template, language) pairs a benchmark lacks
 
     @property
     def name(self) -> str:
@@ -119,6 +128,8 @@ def study_from_data(data: Any, source: str, base_dir: Path) -> Study:
         model_paths=checker.model_paths,
         calibration_mixes=tuple(checker.mixes),
         warnings=tuple(checker.warnings),
+        tasks=tuple(checker.tasks),
+        missing_tasks=tuple(checker.missing_tasks),
     )
 
 
@@ -165,6 +176,8 @@ class _Checker:
         self.warnings: list[Problem] = []
         self.model_paths: dict[int, Path] = {}
         self.mixes: list[LanguageMix] = []
+        self.tasks: list[ResolvedTask] = []
+        self.missing_tasks: list[ResolvedTask] = []
 
     def fail(self, path: str, message: str) -> None:
         self.problems.append(Problem(path, message))
@@ -177,6 +190,8 @@ class _Checker:
         self.check_calibration()
         self.check_pruners()
         self.check_evaluation()
+        if not self.problems:
+            self.check_task_names()
         self.check_execution()
 
     # -- models ---------------------------------------------------------------------------------
@@ -396,6 +411,34 @@ class _Checker:
             for j, code in enumerate(task.languages or []):
                 if code not in ev.languages:
                     self.fail(join_path(where, "languages", j), f"{code!r} is not among evaluation.languages ({', '.join(ev.languages)})")
+
+    def check_task_names(self) -> None:
+        """Each template must name a real lm-eval task in at least one target language; a language the
+        benchmark lacks is reported as missing (a warning here, a missing cell in the results)."""
+        ev = self.spec.evaluation
+        if not ev.tasks:
+            return
+        from engine.evaluate.tasks import close_names, task_index
+        from engine.languages import resolve_task
+
+        include = resolve_path(ev.include_path, self.base_dir) if ev.include_path else None
+        known = task_index(include)
+        for t, task in enumerate(ev.tasks):
+            resolved = [ResolvedTask(t, lang, resolve_task(task.task, lang)) for lang in (task.languages or ev.languages)]
+            present = [r for r in resolved if r.name is not None and r.name in known]
+            if not present:
+                example = next((r.name for r in resolved if r.name), task.task)
+                near = close_names(example, known, n=5)
+                hint = f"; close names: {', '.join(near)}" if near else ""
+                self.fail(join_path("evaluation", "tasks", t, "task"),
+                          f"lm-eval has no task {example!r} (from {task.task!r}) in any target language{hint}")
+                continue
+            self.tasks.extend(present)
+            for r in resolved:
+                if r not in present:
+                    self.missing_tasks.append(r)
+                    self.warn(join_path("evaluation", "tasks", t),
+                              f"{r.name or task.task} does not exist: {r.language} is reported as missing for this task")
 
     def check_execution(self) -> None:
         try:

@@ -6,7 +6,6 @@ from pathlib import Path
 from engine.data.local_files import find_language_files
 from engine.data.sources import TextSourceConfig
 from engine.fingerprint import files_fingerprint
-from engine.languages import resolve_task
 from engine.models import ModelSource
 from engine.trial import (CalibrationConfig, EvaluationConfig, PerplexityConfig, PruningConfig, TaskConfig,
                           TrialConfig)
@@ -27,19 +26,11 @@ def model_source(study: Study, index: int, device: str = "cpu") -> ModelSource:
     return ModelSource(name, spec.revision, spec.dtype, spec.trust_remote_code, device)
 
 
-def resolved_tasks(study: Study) -> tuple[list[TaskConfig], list[tuple[str, str]]]:
-    """The study's lm-eval tasks per target language, and the (template, language) pairs a benchmark
-    lacks (reported as missing, never skipped silently)."""
-    ev = study.spec.evaluation
-    tasks, missing = [], []
-    for task in ev.tasks:
-        for lang in task.languages or ev.languages:
-            name = resolve_task(task.task, lang)
-            if name is None:
-                missing.append((task.task, lang))
-            else:
-                tasks.append(TaskConfig(name=name, language=lang, shots=task.shots, limit=task.limit))
-    return tasks, missing
+def resolved_tasks(study: Study) -> list[TaskConfig]:
+    """The study's lm-eval tasks that exist, per target language (the validator resolved them)."""
+    spec_tasks = study.spec.evaluation.tasks
+    return [TaskConfig(name=r.name, language=r.language, shots=spec_tasks[r.index].shots, limit=spec_tasks[r.index].limit)
+            for r in study.tasks]
 
 
 def evaluation_config(study: Study, tasks: list[TaskConfig] | None = None) -> EvaluationConfig:
@@ -49,7 +40,7 @@ def evaluation_config(study: Study, tasks: list[TaskConfig] | None = None) -> Ev
         perplexity = PerplexityConfig(text_source(study, ev.perplexity.source), ev.perplexity.window,
                                       ev.perplexity.max_tokens)
     if tasks is None:
-        tasks, _ = resolved_tasks(study)
+        tasks = resolved_tasks(study)
     return EvaluationConfig(languages=tuple(ev.languages), perplexity=perplexity, tasks=tuple(tasks),
                             include_path=study.resolve(ev.include_path) if ev.include_path else None,
                             batch_size=ev.batch_size)

@@ -251,3 +251,22 @@ def test_model_labels_must_be_distinct(tmp_path, hub_study, capsys):
     assert_rejected(capsys, write_study(tmp_path, study), "models[1].name: label 'm1' is already used by models[0]")
     study = mutate(hub_study, "models.1", {"hub": "other/m1", "revision": "x"})  # derived label 'm1' clashes too
     assert_rejected(capsys, write_study(tmp_path, study), "models[1].name: label 'm1' is already used by models[0]")
+
+
+def test_unknown_lm_eval_task_lists_close_names(tmp_path, hub_study, capsys):
+    study = mutate(hub_study, "evaluation.tasks", [{"task": "belebel_{lang}"}])
+    assert_rejected(capsys, write_study(tmp_path, study),
+                    "evaluation.tasks[0].task: lm-eval has no task 'belebel_en' (from 'belebel_{lang}')",
+                    "close names: belebele")
+    study = mutate(hub_study, "evaluation.tasks", [{"task": "xnli_{lang}", "languages": ["sw"]}, {"task": "nosuchbench"}])
+    assert_rejected(capsys, write_study(tmp_path, study), "evaluation.tasks[1].task: lm-eval has no task 'nosuchbench'")
+
+
+def test_language_a_benchmark_lacks_is_reported_missing(tmp_path, hub_study, capsys):
+    study = mutate(hub_study, "evaluation.tasks", [{"task": "xstorycloze_{lang}"}])  # has en and sw, not de
+    code, out, err = run_cli(capsys, "validate", str(write_study(tmp_path, study)))
+    assert code == 0, err
+    assert "warning: evaluation.tasks[0]: xstorycloze_de does not exist: de is reported as missing" in err
+    loaded = load_study(write_study(tmp_path, study, "again.yaml"))
+    assert {(r.language, r.name) for r in loaded.tasks} == {("en", "xstorycloze_en"), ("sw", "xstorycloze_sw")}
+    assert [(r.language, r.name) for r in loaded.missing_tasks] == [("de", "xstorycloze_de")]

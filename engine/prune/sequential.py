@@ -47,6 +47,7 @@ class PruneReport:
     calibration_tokens: int
     peak_accelerator_bytes: int | None
     statistics_computed: int  # statistics accumulated (fewer than pruned layers when inputs are shared)
+    peak_statistics_bytes: int  # the largest block's statistics (norms and Hessians) held at once
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> bool mask on CPU, if kept
 
     @property
@@ -186,6 +187,7 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
     reports: list[LinearReport] = []
     masks: dict[str, torch.Tensor] = {}
     statistics_computed = 0
+    peak_statistics_bytes = 0
     model_was_training = model.training
     model.eval()
     try:
@@ -201,6 +203,7 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
                     block(*args, **kwargs)
                 hooks.remove()
                 statistics_computed += len(hooks.stats)
+                peak_statistics_bytes = max(peak_statistics_bytes, sum(st.nbytes() for st in hooks.stats.values()))
             for name, linear in linears.items():
                 full_name = f"{prefix}.{index}.{name}"
                 stats = hooks.statistics_for(name) if hooks else None
@@ -235,5 +238,6 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
         calibration_tokens=tokens,
         peak_accelerator_bytes=_peak_bytes(device),
         statistics_computed=statistics_computed,
+        peak_statistics_bytes=peak_statistics_bytes,
         masks=masks,
     )
