@@ -27,6 +27,7 @@ def run_demo(force_assets: bool = False, report_dir: Path = Path("reports/demo")
 
     started = time.perf_counter()
     apply_default_env()
+    quiet_libraries()
     assets = ensure_demo_assets(force=force_assets)
     ensure_demo_tasks(assets)
     try:
@@ -43,6 +44,20 @@ def run_demo(force_assets: bool = False, report_dir: Path = Path("reports/demo")
     write_demo_report(report_dir, study, plan, assets.metadata, results, time.perf_counter() - started)
     print(f"report: {report_dir / 'index.html'}")
     return 0
+
+
+def quiet_libraries() -> None:
+    """One line per trial instead of lm-eval's, datasets' and transformers' progress bars and notices."""
+    import logging
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for name in ("lm_eval", "lm-eval", "transformers", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
 
 
 def run_in_process(study: Study, plan: Plan) -> list[dict]:

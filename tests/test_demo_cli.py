@@ -5,6 +5,7 @@ import math
 
 import polars as pl
 import pytest
+import yaml
 
 from sweep.cli import main
 from tests.conftest import STUDIES
@@ -15,27 +16,47 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_assets():
     from engine.demo import ensure_demo_assets
+    from engine.demo.tasks import ensure_demo_tasks
 
-    return ensure_demo_assets(log=print)
+    assets = ensure_demo_assets(log=print)
+    ensure_demo_tasks(assets)
+    return assets
 
 
 def test_demo_study_validates_and_plans(demo_assets, capsys):
     assert main(["validate", str(STUDIES / "demo.yaml")]) == 0
     assert "46 trials (44 pruned + 2 dense baselines)" in capsys.readouterr().out
-    assert main(["plan", str(STUDIES / "demo.yaml"), "--summary"]) == 0
-    out = capsys.readouterr().out
-    assert "demo-llama         22 pruned   1 dense" in out.replace("  ", " ").replace(" ", " ") or "demo-llama" in out
+    assert main(["plan", str(STUDIES / "demo.yaml"), "--json"]) == 0
+    import json
+
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["per_model"] == {"demo-llama": {"pruned": 22, "dense": 1}, "demo-cohere": {"pruned": 22, "dense": 1}}
 
 
 def test_demo_runs_and_writes_its_report(demo_assets, tmp_path):
+    """The demo's path on a smaller grid (two languages, Wanda and SparseGPT): every trial runs, and the
+    report holds dense baselines, the calibration x target matrices and the task accuracies."""
     from sweep.demo import run_demo
 
-    assert run_demo(report_dir=tmp_path / "report") == 0
+    study = yaml.safe_load((STUDIES / "demo.yaml").read_text())
+    study["calibration"]["languages"] = ["en", "sw"]
+    study["evaluation"]["languages"] = ["en", "sw"]
+    study["evaluation"]["tasks"][0]["limit"] = 5
+    study["pruners"] = [{"method": "wanda", "sparsity": 0.5}, {"method": "sparsegpt", "sparsity": 0.5}]
+    study["execution"]["output_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(study))
+
+    assert run_demo(report_dir=tmp_path / "report", study_path=path) == 0
     html = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
-    assert "Dense baselines" in html and "demo-cohere" in html and "dataset-build" in html
-    frame = pl.read_csv(tmp_path / "report" / "dense_perplexity.csv")
-    assert frame.height == 2 * 7
-    assert set(frame["language"]) == {"ar", "de", "en", "es", "ru", "sw", "zh"}
-    for bpb in frame["bits_per_byte"]:
+    assert "Dense baselines" in html and "calibration language x target language" in html
+    assert "demo-cohere / wanda / 0.5" in html and "Downstream accuracy" in html
+    frame = pl.read_csv(tmp_path / "report" / "results.csv")
+    assert frame["trial"].n_unique() == 2 * (1 + 2 * 2)  # per model: dense + 2 pruners x 2 calibration languages
+    bpb = frame.filter((pl.col("task") == "perplexity") & (pl.col("metric") == "bits_per_byte"))
+    assert bpb.height == 10 * 2
+    for value in bpb["value"]:
         # uniform over bytes is 8 bits per byte; a trained model is far below it
-        assert math.isfinite(bpb) and 0 < bpb < 4
+        assert math.isfinite(value) and 0 < value < 4
+    accuracy = frame.filter(pl.col("task").str.starts_with("demo_continuation") & (pl.col("metric") == "acc"))
+    assert accuracy.height == 10 * 2 and accuracy["value"].is_between(0, 1).all()
