@@ -161,7 +161,10 @@ def test_docs_are_well_formed_and_come_from_the_tasks_split(assets, include):
                 assert rest[:1].isspace() and rest.lstrip().startswith(truth)
             for text in (context, *choices):
                 assert text in task_text
-                assert text not in other, f"{lang}: task text found in calibration/evaluation split"
+            # The document itself (context and true continuation) never appears in the other splits; a
+            # short choice may coincide with a phrase the book repeats (a quoted section title, say).
+            assert source[: len(context) + len(rest) - len(rest.lstrip()) + len(truth)] not in other, \
+                f"{lang}: task text found in calibration/evaluation split"
         assert labels == set(range(N_CHOICES)), f"{lang}: labels drawn from {labels}"
 
 
@@ -355,3 +358,14 @@ def test_manager_for_uses_the_include_path_alone_only_when_it_can(include, tmp_p
     assert lm_tasks.manager_for([task_name("en"), "belebele_deu_Latn"], include) == (full, False)
     with pytest.raises(UnknownTaskError):
         lm_tasks.manager_for(["demo_continuation_xx"], include)
+
+
+def test_choice_length_does_not_give_the_answer_away(assets, include):
+    """lm-eval's `acc` sums log-likelihoods, so the true continuation must not be systematically the
+    shortest (or longest) choice: choices are length-matched."""
+    for lang in assets.languages:
+        docs = read_jsonl(include / "data" / f"{lang}.jsonl")
+        lengths = [[len(c) for c in doc["choices"]] for doc in docs]
+        assert sum(min(ls) / max(ls) for ls in lengths) / len(docs) > 0.85, lang
+        truth_shortest = sum(ls[d["label"]] == min(ls) and ls.count(min(ls)) == 1 for d, ls in zip(docs, lengths))
+        assert truth_shortest / len(docs) < 0.6, lang
