@@ -5,6 +5,7 @@ loaded at a time and reused for all its trials; results go to reports/demo/ (the
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import platform
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from sweep.env import REPO_ROOT, apply_default_env
 from sweep.grid import Plan, expand
+from sweep.preflight import check_calibration_text
 from sweep.problems import StudyInvalid
 from sweep.study import Study, load_study
 
@@ -39,6 +41,11 @@ def run_demo(force_assets: bool = False, report_dir: Path = Path("reports/demo")
     from sweep.cli import format_plan
 
     print(format_plan(plan, show_trials=False))
+    try:
+        check_calibration_text(study, demo_tokenizers(study))
+    except StudyInvalid as err:
+        print(err, file=sys.stderr)
+        return 2
     results = run_in_process(study, plan)
     report_dir = report_dir if report_dir.is_absolute() else Path.cwd() / report_dir
     write_demo_report(report_dir, study, plan, assets.metadata, results, time.perf_counter() - started)
@@ -46,12 +53,17 @@ def run_demo(force_assets: bool = False, report_dir: Path = Path("reports/demo")
     return 0
 
 
+def demo_tokenizers(study: Study) -> dict[str, object]:
+    from transformers import AutoTokenizer
+
+    return {m.label: AutoTokenizer.from_pretrained(study.model_paths[i]) for i, m in enumerate(study.spec.models)}
+
+
 def quiet_libraries() -> None:
-    """One line per trial instead of lm-eval's, datasets' and transformers' progress bars and notices."""
+    """One line per trial instead of datasets' and transformers' progress bars and notices."""
     import logging
     import os
 
-    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for name in ("lm_eval", "lm-eval", "transformers", "datasets", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -67,6 +79,10 @@ def run_in_process(study: Study, plan: Plan) -> list[dict]:
 
     evaluation = evaluation_config(study)
     cache_dir = study.output_dir / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # lm-eval draws progress bars on stderr whatever it is told; they go to this log instead.
+    library_log = study.output_dir / "libraries.log"
+    print(f"  library output: {library_log}")
     rows: list[dict] = []
     for index, model_spec in enumerate(study.spec.models):
         trials = [t for t in plan.trials if t.model_index == index]
@@ -76,7 +92,8 @@ def run_in_process(study: Study, plan: Plan) -> list[dict]:
             config = trial_config(study, trial, evaluation=evaluation, cache_dir=cache_dir)
             started = time.perf_counter()
             try:
-                result = run_trial(config, loaded)
+                with open(library_log, "a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
+                    result = run_trial(config, loaded)
             except TrialFailed as err:
                 print(f"    [{number}/{len(trials)}] {trial.name}: failed: {err.reason}")
                 continue

@@ -208,3 +208,35 @@ def test_concurrent_fills_do_not_corrupt_the_cache(tokenizer, corpus, tmp_path):
 
     expected = calibration_set(local(corpus), tokenizer, [("en", 1.0)], WindowRequest(8, 32, 0))
     assert torch.equal(load_file(str(entries[0]))["input_ids"], expected)
+
+
+def test_preflight_reports_short_text_before_any_trial(tokenizer, corpus, tmp_path):
+    """`samples x seq_len` beyond the local text is an error naming the language and the amount of
+    text, raised from the study and tokenizers alone, before anything is pruned."""
+    import yaml
+
+    from sweep.preflight import check_calibration_text, needed_tokens
+    from sweep.problems import StudyInvalid
+    from sweep.study import load_study
+
+    study_data = {
+        "name": "short",
+        "models": [{"name": "m", "hub": "org/m", "revision": "r"}],
+        "calibration": {"source": {"kind": "local", "path": str(corpus), "split": "calibration"},
+                        "languages": ["en", "en:3+sw:1"], "samples": 8, "seq_len": 64, "seeds": [0]},
+        "pruners": [{"method": "wanda", "sparsity": 0.5}],
+        "evaluation": {"languages": ["en"], "perplexity": {"source": {"kind": "local", "path": str(corpus),
+                                                                        "split": "calibration"}, "window": 32}},
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study_data))
+    study = load_study(path)
+    assert needed_tokens(study) == {"en": 8 * 64, "sw": 2 * 64}
+    check_calibration_text(study, {"m": tokenizer})  # enough text
+    study_data["calibration"]["samples"] = 4000
+    path.write_text(yaml.safe_dump(study_data))
+    with pytest.raises(StudyInvalid) as err:
+        check_calibration_text(load_study(path), {"m": tokenizer})
+    messages = [str(p) for p in err.value.problems]
+    assert any("(en)" in m and "4000 samples x 64 tokens need 256000 of en" in m for m in messages)
+    assert any("(sw)" in m and "need 64000 of sw" in m for m in messages)
