@@ -202,6 +202,8 @@ def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict) -> list[d
                 continue  # a group's subtasks are reported under the names the study asked for
             for metric, value in task["metrics"].items():
                 rows.append({"language": by_name[name].language, "task": name, "metric": metric, "value": value,
-                             "samples": task.get("samples"), "shots": by_name[name].shots})
+                             "samples": task.get("samples"), "shots": by_name[name].shots,
+                             "lm_eval_version": out["lm_eval_version"], "task_version": task.get("version"),
+                             "task_hash": task.get("task_hash"), "config_hash": task.get("config_hash")})
         timings["tasks"] = time.perf_counter() - started
     return rows
