@@ -32,7 +32,7 @@ from pathlib import Path
 from engine.languages import LANGUAGES
 
 # Bump when the generator changes what it writes for the same inputs.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 TASK_PREFIX = "demo_continuation"
 GROUP = TASK_PREFIX
 INCLUDE_DIRNAME = "lm_eval_tasks"
@@ -105,10 +105,12 @@ def build_language_docs(rows: Sequence[Mapping], lang: str, seed: int) -> list[d
     rng = random.Random(f"{TASK_PREFIX}:{GENERATOR_VERSION}:{seed}:{lang}")
     docs = []
     for index, (row, context, continuation) in enumerate(cut):
-        # Distractors of similar length, then every choice cut to the shortest: lm-eval's `acc` sums
-        # log-likelihoods, so a length difference alone would give the answer away (or hide it).
+        # Distractors from the same source and of similar length, then every choice cut to the
+        # shortest: lm-eval's `acc` sums log-likelihoods, so a difference in length or in style (a
+        # technical handbook against general prose) alone would give the answer away, or hide it.
         others = sorted((j for j in range(len(cut)) if j != index and cut[j][2] != continuation),
-                        key=lambda j: (abs(len(cut[j][2]) - len(continuation)), j))
+                        key=lambda j: (cut[j][0].get("source") != row.get("source"),
+                                       abs(len(cut[j][2]) - len(continuation)), j))
         pool = others[: 4 * (N_CHOICES - 1)]
         picked = [cut[j][2] for j in rng.sample(pool, min(len(pool), N_CHOICES - 1))]
         shortest = min(len(c) for c in [continuation, *picked])
