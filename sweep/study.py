@@ -269,7 +269,7 @@ class _Checker:
             return None
         for name in ("dataset", "config", "revision"):
             if getattr(source, name) is not None:
-                self.fail(join_path(where, name), f"is for kind: hub; a local source names path: (and optionally split:)")
+                self.fail(join_path(where, name), "is for kind: hub; a local source names path: (and optionally split:)")
         if source.path is None:
             self.fail(join_path(where, "path"), "is required for kind: local (a directory with one folder or file per language)")
             return None

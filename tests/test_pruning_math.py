@@ -6,7 +6,6 @@ import torch
 
 from engine.prune.masks import lowest_in_matrix, lowest_in_rows, lowest_n_of_m
 from engine.prune.pruners import make_pruner
-from engine.prune.scoring import wanda_scores
 from engine.prune.sparsegpt_math import CholeskyError, sparsegpt_prune
 from engine.prune.sparsity import parse_sparsity
 from engine.prune.statistics import InputStatistics, relative_output_error

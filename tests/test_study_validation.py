@@ -3,7 +3,6 @@ nothing written. Good ones pass."""
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +11,8 @@ import pytest
 import yaml
 
 from sweep.cli import main
-from sweep.problems import StudyInvalid
 from sweep.study import load_study
-from tests.conftest import REPO, STUDIES, write_study
+from tests.conftest import STUDIES, write_study
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from sweep.grid import KEY_VERSION, expand
-from sweep.study import load_study, load_study_text
+from sweep.study import load_study
 from tests.conftest import REPO, STUDIES, write_study
 from tests.test_study_validation import mutate
 
