@@ -70,6 +70,7 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def run_in_process(study: Study, plan: Plan) -> list[dict]:
