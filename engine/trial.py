@@ -15,7 +15,7 @@ import torch
 
 from engine.data.calibration import WindowRequest, calibration_set
 from engine.data.sources import TextSourceConfig, documents
-from engine.evaluate.suite import perplexity_by_language
+from engine.evaluate.suite import language_tokens, perplexity_of_tokens
 from engine.languages import get_language
 from engine.models import ModelSource, load_model
 from engine.prune.mask_io import save_masks
@@ -97,12 +97,14 @@ class LoadedModel:
     seconds: float
     _texts: dict = field(default_factory=dict)
 
-    def evaluation_texts(self, config: PerplexityConfig, language: str) -> list[str]:
-        """The same documents for every trial (stored order), read once per loaded model."""
-        key = (config.source, language)
+    def evaluation_tokens(self, config: PerplexityConfig, language: str) -> tuple[list[int], int]:
+        """The same token ids (and the UTF-8 bytes they spell) for every trial: the documents in stored
+        order, read and tokenized once per loaded model rather than once per trial."""
+        key = (config, language)
         if key not in self._texts:
-            self._texts[key] = list(documents(config.source, get_language(language), seed=None)) \
+            texts = list(documents(config.source, get_language(language), seed=None)) \
                 if config.source.kind == "local" else _first_documents(config, language, self.tokenizer)
+            self._texts[key] = language_tokens(self.tokenizer, texts, config.max_tokens)
         return self._texts[key]
 
 
@@ -178,10 +180,10 @@ def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict) -> list[d
     rows: list[dict] = []
     if ev.perplexity is not None:
         started = time.perf_counter()
-        texts = {lang: loaded.evaluation_texts(ev.perplexity, lang) for lang in ev.languages}
-        results = perplexity_by_language(loaded.model, loaded.tokenizer, texts, ev.perplexity.window,
-                                         ev.perplexity.max_tokens, ev.batch_size)
-        for lang, res in results.items():
+        for lang in ev.languages:
+            ids, n_bytes = loaded.evaluation_tokens(ev.perplexity, lang)
+            res = perplexity_of_tokens(loaded.model, loaded.tokenizer, ids, n_bytes, ev.perplexity.window,
+                                       ev.batch_size)
             if not (math.isfinite(res.bits_per_byte) and math.isfinite(res.token_perplexity)):
                 raise TrialFailed(f"non-finite perplexity in {lang} (NLL {res.nll}); not averaged in")
             for metric in ("bits_per_byte", "token_perplexity", "loss"):

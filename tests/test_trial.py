@@ -71,3 +71,16 @@ def test_non_finite_perplexity_fails_the_trial_with_a_reason(tiny):
     with pytest.raises(TrialFailed, match="non-finite perplexity in en"):
         run_trial(config(assets), loaded)
     assert torch.isfinite(block.weight).all()
+
+
+def test_evaluation_text_is_read_once_per_loaded_model(tiny, monkeypatch):
+    assets, loaded = tiny
+    first = run_trial(config(assets), loaded)
+
+    def no_reading(*_args, **_kwargs):
+        raise AssertionError("evaluation text must be read and tokenized once per loaded model")
+
+    monkeypatch.setattr("engine.trial.documents", no_reading)
+    monkeypatch.setattr("engine.trial.language_tokens", no_reading)
+    second = run_trial(config(assets), loaded)
+    assert [r["value"] for r in first["metrics"]] == [r["value"] for r in second["metrics"]]

@@ -21,12 +21,18 @@ def language_tokens(tokenizer, texts: Sequence[str], max_tokens: int | None) -> 
     return ids, len(joined.encode("utf-8"))
 
 
-def perplexity_by_language(model, tokenizer, texts_by_language: Mapping[str, Sequence[str]], window: int,
-                           max_tokens: int | None = None, batch_size: int = 8) -> dict[str, PerplexityResult]:
+def perplexity_of_tokens(model, tokenizer, ids: Sequence[int], text_bytes: int, window: int,
+                         batch_size: int = 8) -> PerplexityResult:
+    """Perplexity of already tokenized text, windows opened by the tokenizer's BOS (or EOS)."""
     prefix = prefix_token_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix
+    return perplexity(model, ids, text_bytes, window, prefix, batch_size=batch_size, pad_id=pad)
+
+
+def perplexity_by_language(model, tokenizer, texts_by_language: Mapping[str, Sequence[str]], window: int,
+                           max_tokens: int | None = None, batch_size: int = 8) -> dict[str, PerplexityResult]:
     results = {}
     for language, texts in texts_by_language.items():
         ids, n_bytes = language_tokens(tokenizer, texts, max_tokens)
-        results[language] = perplexity(model, ids, n_bytes, window, prefix, batch_size=batch_size, pad_id=pad)
+        results[language] = perplexity_of_tokens(model, tokenizer, ids, n_bytes, window, batch_size)
     return results
