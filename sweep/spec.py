@@ -154,7 +154,6 @@ class ExecutionSpec(Strict):
     cpus_per_actor: Union[StrictInt, StrictFloat] = Field(1, gt=0)
     max_actors: StrictInt | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    save_pruned_models: StrictBool = False
 
 
 class StudySpec(Strict):

@@ -23,7 +23,7 @@ from engine.prune.sparsity import parse_sparsity
 from sweep.problems import Problem, StudyInvalid, join_path
 from sweep.pydantic_errors import problems_from_validation_error
 from sweep.spec import HUB_ID, SLUG, MixSpec, ModelSpec, StudySpec, TextSource
-from sweep.yaml_loader import StudyFileError, load_yaml_file, load_yaml_text
+from sweep.yaml_loader import StudyFileError, load_yaml_file
 
 SOURCE_CODE_FIELDS = ("lang", "code", "mc4", "flores", "iso639_3")
 
@@ -96,14 +96,6 @@ def load_study(path: str | Path) -> Study:
     except StudyFileError as err:
         raise StudyInvalid(err.where, [Problem("", err.message)]) from None
     return study_from_data(data, source=str(path), base_dir=path.resolve().parent)
-
-
-def load_study_text(text: str, base_dir: Path, source: str = "<text>") -> Study:
-    try:
-        data = load_yaml_text(text, source)
-    except StudyFileError as err:
-        raise StudyInvalid(err.where, [Problem("", err.message)]) from None
-    return study_from_data(data, source=source, base_dir=base_dir)
 
 
 def study_from_data(data: Any, source: str, base_dir: Path) -> Study:

@@ -8,7 +8,7 @@ a lower token perplexity for the same model quality).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -34,9 +34,6 @@ class PerplexityResult:
     def bits_per_byte(self) -> float:
         return self.nll / math.log(2) / self.bytes
 
-    def as_dict(self) -> dict:
-        return {**asdict(self), "loss": self.loss, "token_perplexity": self.token_perplexity,
-                "bits_per_byte": self.bits_per_byte}
 
 
 def windows_of(token_ids: Sequence[int], window: int, prefix_id: int) -> list[list[int]]:
