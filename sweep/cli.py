@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -22,11 +23,12 @@ def _load(path: str) -> Study:
     return load_study(Path(path))
 
 
-def _report_invalid(err: StudyInvalid) -> int:
+def report_invalid(err: StudyInvalid, stream=None) -> int:
+    stream = stream or sys.stderr
     n = len(err.problems)
-    print(f"{err.source}: invalid study file ({n} problem{'s' if n != 1 else ''}); nothing was started or written", file=sys.stderr)
+    print(f"{err.source}: invalid study file ({n} problem{'s' if n != 1 else ''}); nothing was started or written", file=stream)
     for problem in err.problems:
-        print(f"  {problem}", file=sys.stderr)
+        print(f"  {problem}", file=stream)
     return EXIT_INVALID
 
 
@@ -40,7 +42,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         study = _load(args.study)
         plan = expand(study)
     except StudyInvalid as err:
-        return _report_invalid(err)
+        return report_invalid(err)
     _print_warnings(study)
     print(f"{args.study}: valid study '{study.name}': {len(plan.trials)} trials "
           f"({len(plan.pruned)} pruned + {len(plan.dense)} dense baselines) over {len(study.spec.models)} model(s)")
@@ -52,7 +54,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         study = _load(args.study)
         plan = expand(study)
     except StudyInvalid as err:
-        return _report_invalid(err)
+        return report_invalid(err)
     _print_warnings(study)
     if args.json:
         print(json.dumps(plan_as_dict(plan), indent=2))
@@ -97,6 +99,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(force_assets=args.rebuild_assets, report_dir=Path(args.report_dir))
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from sweep.env import apply_default_env
+    from sweep.run import RunOptions, run_study
+
+    apply_default_env()
+    options = RunOptions(out=args.out, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                         max_actors=args.max_actors, retry_failed=args.retry_failed, progress=not args.no_progress)
+    return run_study(args.study, options).code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sweep.status import print_status
+
+    return print_status(args.directory, show_failures=args.failures)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sweep", description="Calibration-language pruning studies on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--summary", action="store_true", help="counts only, no trial list")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run what is left of a study on Ray (embedded, or a cluster with --address)")
+    p.add_argument("study")
+    p.add_argument("--out", help="study directory (a folder or s3://, gs:// URL); default: execution.output_dir")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or None,
+                   help="Ray cluster to join (default $RAY_ADDRESS); without it an embedded Ray starts")
+    p.add_argument("--num-cpus", type=int, help="embedded Ray: CPUs to offer (default: all)")
+    p.add_argument("--num-gpus", type=int, help="embedded Ray: GPUs to offer (default: those detected)")
+    p.add_argument("--max-actors", type=int, help="at most this many worker actors (overrides execution.max_actors)")
+    p.add_argument("--retry-failed", action="store_true", help="run again the trials that failed in earlier runs")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="summary of a study directory, running or stopped")
+    p.add_argument("directory")
+    p.add_argument("--failures", action="store_true", help="print each failed trial's last error and traceback")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="build the offline demo assets and run the demo study")
     p.add_argument("--rebuild-assets", action="store_true")

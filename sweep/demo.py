@@ -1,11 +1,8 @@
-"""`sweep demo` (and `make demo`): build the offline demo assets, then run the demo study.
-
-Until the Ray scheduler and store land (issue 5), the trials run here, in this process, one model
-loaded at a time and reused for all its trials; results go to reports/demo/ (the full report is issue 6).
+"""`sweep demo` (and `make demo`): build the offline demo assets, then run the demo study with
+`sweep run` on an embedded Ray, and write reports/demo/ from its results (the full report is issue 6).
 """
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import platform
@@ -13,19 +10,26 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sweep.env import REPO_ROOT, apply_default_env
 from sweep.grid import Plan, expand
-from sweep.preflight import check_calibration_text
 from sweep.problems import StudyInvalid
 from sweep.study import Study, load_study
+
+if TYPE_CHECKING:
+    from sweep.run import RunOptions
 
 DEMO_STUDY = REPO_ROOT / "sweep" / "studies" / "demo.yaml"
 
 
-def run_demo(force_assets: bool = False, report_dir: Path = Path("reports/demo"), study_path: Path = DEMO_STUDY) -> int:
+def run_demo(force_assets: bool = False, report_dir: Path = Path("reports/demo"), study_path: Path = DEMO_STUDY,
+             options: "RunOptions | None" = None) -> int:
+    """Builds the assets, runs the demo study with `sweep run` (an embedded Ray on this machine), and
+    writes the demo report from the study's results."""
     from engine.demo.build import ensure_demo_assets
     from engine.demo.tasks import ensure_demo_tasks
+    from sweep.run import EXIT_FAILED_TRIALS, RunOptions, run_study
 
     started = time.perf_counter()
     apply_default_env()
@@ -41,22 +45,15 @@ def run_demo(force_assets: bool = False, report_dir: Path = Path("reports/demo")
     from sweep.cli import format_plan
 
     print(format_plan(plan, show_trials=False))
-    try:
-        check_calibration_text(study, demo_tokenizers(study))
-    except StudyInvalid as err:
-        print(err, file=sys.stderr)
-        return 2
-    results = run_in_process(study, plan)
+    options = options or RunOptions()
+    outcome = run_study(study_path, options)
+    if outcome.code not in (0, EXIT_FAILED_TRIALS):
+        return outcome.code
+    results = results_rows(Path(options.out) if options.out else study.output_dir)
     report_dir = report_dir if report_dir.is_absolute() else Path.cwd() / report_dir
     write_demo_report(report_dir, study, plan, assets.metadata, results, time.perf_counter() - started)
     print(f"report: {report_dir / 'index.html'}")
-    return 0
-
-
-def demo_tokenizers(study: Study) -> dict[str, object]:
-    from transformers import AutoTokenizer
-
-    return {m.label: AutoTokenizer.from_pretrained(study.model_paths[i]) for i, m in enumerate(study.spec.models)}
+    return outcome.code
 
 
 def quiet_libraries() -> None:
@@ -73,43 +70,16 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def run_in_process(study: Study, plan: Plan) -> list[dict]:
-    """Every trial of the plan, model by model, each model loaded once; one row per trial and metric."""
-    from engine.trial import TrialFailed, load, run_trial
-    from sweep.trials import evaluation_config, model_source, trial_config
+def results_rows(study_dir: Path) -> list[dict]:
+    """The current study version's results (results.parquet, written by `sweep run`), one row per trial
+    and metric, in the demo report's columns."""
+    import polars as pl
 
-    evaluation = evaluation_config(study)
-    cache_dir = study.output_dir / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # lm-eval draws progress bars on stderr whatever it is told; they go to this log instead.
-    library_log = study.output_dir / "libraries.log"
-    print(f"  library output: {library_log}")
-    rows: list[dict] = []
-    for index, model_spec in enumerate(study.spec.models):
-        trials = [t for t in plan.trials if t.model_index == index]
-        loaded = load(model_source(study, index))
-        print(f"  {model_spec.label}: loaded in {loaded.seconds:.1f} s; {len(trials)} trials")
-        for number, trial in enumerate(trials, 1):
-            config = trial_config(study, trial, evaluation=evaluation, cache_dir=cache_dir)
-            started = time.perf_counter()
-            try:
-                with open(library_log, "a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
-                    result = run_trial(config, loaded)
-            except TrialFailed as err:
-                print(f"    [{number}/{len(trials)}] {trial.name}: failed: {err.reason}")
-                continue
-            seconds = time.perf_counter() - started
-            print(f"    [{number}/{len(trials)}] {trial.name} ({seconds:.1f} s)")
-            for metric in result["metrics"]:
-                rows.append({
-                    "key": trial.key, "trial": trial.name, "model": trial.model_label,
-                    "pruner": trial.pruner_label or "dense",
-                    "sparsity": trial.sparsity.canonical() if trial.sparsity else "0",
-                    "calibration": trial.calibration.canonical() if trial.calibration else "",
-                    "seed": trial.seed, "target": metric["language"], "task": metric["task"],
-                    "metric": metric["metric"], "value": metric["value"],
-                })
-    return rows
+    frame = pl.read_parquet(study_dir / "results.parquet").filter(pl.col("current"))
+    frame = frame.select("key", pl.col("name").alias("trial"), "model", "pruner", "sparsity",
+                         pl.col("calibration").fill_null(""), "seed", pl.col("language").alias("target"), "task",
+                         "metric", "value")
+    return frame.to_dicts()
 
 
 def write_demo_report(out: Path, study: Study, plan: Plan, asset_metadata: dict, rows: list[dict], seconds: float) -> None:

@@ -1,17 +1,20 @@
 """The study directory: a frozen study file, append-only event logs, artifacts, a driver lock, and the
-results compacted to Parquet for the reducer.
+results compacted to Parquet for the reducer. A local folder or an object-store URL (see sweep.storage).
 
-    <root>/study.yaml                  the study file as first run (later versions: study.<run>.yaml)
+    <root>/study.yaml                  the study file as first run (later versions: study.<time>.yaml)
+    <root>/plan.json                   the trials of the latest run's study version (for `sweep status`)
     <root>/events/<run>.jsonl          one log per driver run, written only by that driver
+                                       (object storage: <run>-<segment>.jsonl, each rewritten until full)
     <root>/artifacts/<key>/<file>      masks, statistics (written under a temporary name, then renamed)
     <root>/results.parquet             one row per (trial, target language, task, metric)
-    <root>/driver.lock                 which driver owns the directory
+    <root>/driver.lock                 which driver owns the directory, with a heartbeat
 
 Each event is one JSON line, flushed and fsynced before the driver moves on, so a killed driver loses
 at most the line it was writing; readers drop a cut-off last line and say so. No pickle anywhere.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -21,7 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from sweep.storage import Location, open_location
+
 TERMINAL = ("finished", "failed")
+LEASE_S = 900.0  # a lock whose heartbeat is older than this, held from another host, is stale
+HEARTBEAT_S = 60.0
+SEGMENT_EVENTS = 200  # object storage: events per log segment (each append rewrites one segment)
 
 
 class StoreLocked(RuntimeError):
@@ -44,6 +52,10 @@ class StudyState:
     def is_done(self, key: str) -> bool:
         return key in self.finished
 
+    def gave_up(self, key: str) -> bool:
+        """Failed with its retries used up (and not finished since)."""
+        return key in self.failed and bool(self.failed[key].get("final", True))
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -55,59 +67,122 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def study_state(events: Iterable[dict]) -> StudyState:
+    """Which trials finished, which failed last (and not finished since), how often each started."""
+    finished: dict[str, dict] = {}
+    failed: dict[str, dict] = {}
+    attempts: dict[str, int] = {}
+    for event in events:
+        key = event.get("key")
+        if key is None:
+            continue
+        kind = event.get("event")
+        if kind == "started":
+            attempts[key] = attempts.get(key, 0) + 1
+        elif kind == "finished":
+            finished[key] = event
+            failed.pop(key, None)
+        elif kind == "failed" and key not in finished:
+            failed[key] = event
+    return StudyState(finished=finished, failed=failed, attempts=attempts)
+
+
 class StudyStore:
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.events_dir = self.root / "events"
-        self.artifacts_dir = self.root / "artifacts"
-        self.lock_path = self.root / "driver.lock"
+    def __init__(self, root: str | Path):
+        self.location: Location = open_location(root)
         self._log = None
+        self._segment: list[bytes] = []
+        self._segment_number = 0
+        self._last_heartbeat = 0.0
+        self._lock_token: str | None = None
         self.run_id: str | None = None
+
+    @property
+    def root(self) -> Path | str:
+        return self.location.local_path() if self.location.is_local else self.location.url
+
+    @property
+    def is_local(self) -> bool:
+        return self.location.is_local
+
+    def ref(self, rel: str) -> Path | str:
+        """A file of the study directory: a Path when local, else its URL."""
+        return self.location.local_path(rel) if self.location.is_local else self.location.join(rel)
+
+    @property
+    def lock_path(self) -> Path | str:
+        return self.ref("driver.lock")
 
     # -- the driver lock ----------------------------------------------------------------------
     def acquire(self) -> None:
-        """Takes the directory for this driver; refuses if a live driver holds it, takes over a lock
-        left by a dead driver on this host."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        """Takes the directory for this driver; refuses while another driver holds it. A lock is stale,
+        and taken over, when its driver was on this host and is gone, or its heartbeat is older than
+        LEASE_S (a driver on another host that crashed). On object storage the take is best effort
+        (no exclusive create there): start one driver per study."""
         for _ in range(3):
+            self._lock_token = uuid.uuid4().hex
+            me = self._lock_record(time.time())
+            if self.location.create_exclusive("driver.lock", me):
+                self._last_heartbeat = time.time()
+                return
+            holder = self.lock_holder()
+            if holder is not None and not self._stale(holder):
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+                raise StoreLocked(
+                    f"{self.location.url} is in use by another driver (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {since}); wait for it to finish or stop it first. If that "
+                    f"driver is gone (its host crashed), delete {self.lock_path}; a lock whose heartbeat is "
+                    f"older than {LEASE_S:.0f} s is taken over by itself.")
+            # stale (or unreadable): move it aside, then try again
             try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read_lock()
-                if holder is not None and not self._stale(holder):
-                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-                    raise StoreLocked(
-                        f"{self.root} is in use by another driver (pid {holder.get('pid')} on {holder.get('host')}, "
-                        f"since {since}); wait for it to finish, or stop it first. If that driver is gone "
-                        f"(another host crashed), delete {self.lock_path}.") from None
-                # stale (or unreadable): move it aside atomically, then try again
-                try:
-                    os.replace(self.lock_path, self.lock_path.with_name(f"driver.lock.stale-{uuid.uuid4().hex[:8]}"))
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(me, handle)
-            return
+                self.location.move("driver.lock", f"driver.lock.stale-{uuid.uuid4().hex[:8]}")
+            except (FileNotFoundError, OSError):
+                pass
         raise StoreLocked(f"could not take {self.lock_path}: another driver keeps taking it")
 
-    def _read_lock(self) -> dict | None:
-        try:
-            return json.loads(self.lock_path.read_text())
-        except (OSError, ValueError):
-            return None
+    def _lock_record(self, since: float) -> bytes:
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since,
+                           "heartbeat": time.time(), "token": self._lock_token}).encode()
 
-    def _stale(self, holder: dict) -> bool:
-        return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1)))
+    def lock_holder(self) -> dict | None:
+        raw = self.location.read_bytes("driver.lock")
+        if raw is None:
+            return None
+        try:
+            holder = json.loads(raw)
+        except ValueError:
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def holder_alive(self, holder: dict | None = None) -> bool:
+        holder = self.lock_holder() if holder is None else holder
+        return holder is not None and not self._stale(holder)
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        if holder.get("host") == socket.gethostname():
+            return not _pid_alive(int(holder.get("pid", -1)))
+        return time.time() - float(holder.get("heartbeat", holder.get("since", 0))) > LEASE_S
+
+    def heartbeat(self, force: bool = False) -> None:
+        """Refreshes the lock's heartbeat (the driver calls this from its loop)."""
+        if self._lock_token is None or (not force and time.time() - self._last_heartbeat < HEARTBEAT_S):
+            return
+        holder = self.lock_holder()
+        if holder is None or holder.get("token") != self._lock_token:
+            raise StoreLocked(f"{self.lock_path} was taken by another driver (pid {holder and holder.get('pid')} "
+                              f"on {holder and holder.get('host')}); this driver stops")
+        self.location.write_atomic("driver.lock", self._lock_record(float(holder.get("since", time.time()))))
+        self._last_heartbeat = time.time()
 
     def release(self) -> None:
         if self._log is not None:
             self._log.close()
             self._log = None
-        holder = self._read_lock()
-        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-            self.lock_path.unlink(missing_ok=True)
+        holder = self.lock_holder()
+        if self._lock_token is not None and holder is not None and holder.get("token") == self._lock_token:
+            self.location.delete("driver.lock")
+        self._lock_token = None
 
     def __enter__(self) -> "StudyStore":
         self.acquire()
@@ -116,113 +191,107 @@ class StudyStore:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    # -- the frozen study file ----------------------------------------------------------------
-    def freeze_study(self, text: str) -> Path:
+    # -- the frozen study file and the plan ---------------------------------------------------
+    def freeze_study(self, text: str) -> Path | str:
         """Keeps the study file as it was when each new version was first run."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        first = self.root / "study.yaml"
-        if not first.exists():
-            self._write_atomic(first, text.encode())
-            return first
-        versions = [first, *sorted(self.root.glob("study.*.yaml"))]
-        if any(v.read_text(encoding="utf-8") == text for v in versions):
-            return next(v for v in versions if v.read_text(encoding="utf-8") == text)
-        path = self.root / f"study.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}.yaml"
-        self._write_atomic(path, text.encode())
-        return path
+        data = text.encode("utf-8")
+        if self.location.create_exclusive("study.yaml", data):
+            return self.ref("study.yaml")
+        for rel in ["study.yaml", *sorted(self.location.list("", ".yaml"))]:
+            if rel.startswith("study.") and self.location.read_bytes(rel) == data:
+                return self.ref(rel)
+        rel = f"study.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}.yaml"
+        self.location.write_atomic(rel, data)
+        return self.ref(rel)
+
+    def write_plan(self, plan: dict) -> None:
+        self.location.write_atomic("plan.json", json.dumps(plan, indent=1).encode())
+
+    def read_plan(self) -> dict | None:
+        raw = self.location.read_bytes("plan.json")
+        return json.loads(raw) if raw is not None else None
 
     # -- events --------------------------------------------------------------------------------
     def append(self, event: dict) -> None:
         """Appends one event to this driver run's log, durably. Only the lock holder calls this."""
-        if self._log is None:
-            self.events_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_id is None:
             self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-            self._log = open(self.events_dir / f"{self.run_id}.jsonl", "a", encoding="utf-8")
         line = json.dumps({"time": time.time(), "run": self.run_id, **event}, allow_nan=False, default=str)
-        self._log.write(line + "\n")
-        self._log.flush()
-        os.fsync(self._log.fileno())
+        if self.location.is_local:
+            if self._log is None:
+                folder = self.location.local_path("events")
+                folder.mkdir(parents=True, exist_ok=True)
+                self._log = open(folder / f"{self.run_id}.jsonl", "a", encoding="utf-8")
+            self._log.write(line + "\n")
+            self._log.flush()
+            os.fsync(self._log.fileno())
+        else:
+            if len(self._segment) >= SEGMENT_EVENTS:
+                self._segment, self._segment_number = [], self._segment_number + 1
+            self._segment.append(line.encode() + b"\n")
+            self.location.write_atomic(f"events/{self.run_id}-{self._segment_number:05d}.jsonl",
+                                       b"".join(self._segment))
+        self.heartbeat()
 
     def read_events(self) -> LogReading:
         reading = LogReading(events=[])
-        if not self.events_dir.is_dir():
-            return reading
-        for path in sorted(self.events_dir.glob("*.jsonl")):
-            data = path.read_bytes()
+        for rel in self.location.list("events", ".jsonl"):
+            data = self.location.read_bytes(rel) or b""
+            name = rel.rsplit("/", 1)[-1]
             lines = data.split(b"\n")
             if lines and lines[-1] != b"":
-                reading.cut_off.append(path.name)  # the writer died mid-line
+                reading.cut_off.append(name)  # the writer died mid-line
             for number, raw in enumerate(lines[:-1], 1):
                 if not raw.strip():
                     continue
                 try:
                     event = json.loads(raw)
                 except ValueError:
-                    reading.unreadable.append(f"{path.name}:{number}")
+                    reading.unreadable.append(f"{name}:{number}")
                     continue
                 if isinstance(event, dict):
                     reading.events.append(event)
                 else:
-                    reading.unreadable.append(f"{path.name}:{number}")
+                    reading.unreadable.append(f"{name}:{number}")
         reading.events.sort(key=lambda e: e.get("time", 0))
         return reading
 
     def state(self, events: Iterable[dict] | None = None) -> StudyState:
-        events = self.read_events().events if events is None else events
-        finished: dict[str, dict] = {}
-        failed: dict[str, dict] = {}
-        attempts: dict[str, int] = {}
-        for event in events:
-            key = event.get("key")
-            if key is None:
-                continue
-            kind = event.get("event")
-            if kind == "started":
-                attempts[key] = attempts.get(key, 0) + 1
-            elif kind == "finished":
-                finished[key] = event
-                failed.pop(key, None)
-            elif kind == "failed" and key not in finished:
-                failed[key] = event
-        return StudyState(finished=finished, failed=failed, attempts=attempts)
+        return study_state(self.read_events().events if events is None else events)
 
     # -- artifacts ------------------------------------------------------------------------------
-    def artifact_dir(self, key: str) -> Path:
-        return self.artifacts_dir / key
+    def artifact_dir(self, key: str) -> Path | str:
+        return self.ref(f"artifacts/{key}")
 
-    def write_artifact(self, key: str, name: str, data: bytes) -> Path:
-        path = self.artifact_dir(key) / name
-        self._write_atomic(path, data)
-        return path
-
-    @staticmethod
-    def _write_atomic(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+    def write_artifact(self, key: str, name: str, data: bytes) -> Path | str:
+        rel = f"artifacts/{key}/{name}"
+        self.location.write_atomic(rel, data)
+        return self.ref(rel)
 
     # -- compaction -------------------------------------------------------------------------------
-    def compact(self) -> Path:
+    def compact(self, current_keys: set[str] | None = None) -> Path | str:
         """results.parquet: one row per (trial, target language, task, metric) of finished trials, each
-        trial once (its latest finished event)."""
+        trial once (its latest finished event). `current` marks trials of the latest study version;
+        results of earlier versions (an older evaluation suite) stay readable beside them."""
         import polars as pl
 
         rows = []
         for key, event in sorted(self.state().finished.items()):
+            trial = event.get("trial") or {}
             for metric in event.get("metrics", []):
-                rows.append({"key": key, "name": event.get("name"), "run": event.get("run"),
-                             "language": metric.get("language"), "task": metric.get("task"),
-                             "metric": metric.get("metric"), "value": float(metric["value"])
-                             if metric.get("value") is not None else None})
-        schema = {"key": pl.String, "name": pl.String, "run": pl.String, "language": pl.String, "task": pl.String,
-                  "metric": pl.String, "value": pl.Float64}
-        frame = pl.DataFrame(rows, schema=schema)
-        path = self.root / "results.parquet"
-        temporary = path.with_name(f".results.{os.getpid()}.tmp.parquet")
-        frame.write_parquet(temporary)
-        os.replace(temporary, path)
-        return path
+                value = metric.get("value")
+                rows.append({
+                    "key": key, "name": event.get("name"), "run": event.get("run"),
+                    "model": trial.get("model"), "pruner": trial.get("pruner"), "sparsity": trial.get("sparsity"),
+                    "calibration": trial.get("calibration"), "seed": trial.get("seed"),
+                    "language": metric.get("language"), "task": metric.get("task"), "metric": metric.get("metric"),
+                    "value": float(value) if isinstance(value, (int, float)) else None,
+                    "current": current_keys is None or key in current_keys,
+                })
+        schema = {"key": pl.String, "name": pl.String, "run": pl.String, "model": pl.String, "pruner": pl.String,
+                  "sparsity": pl.String, "calibration": pl.String, "seed": pl.Int64, "language": pl.String,
+                  "task": pl.String, "metric": pl.String, "value": pl.Float64, "current": pl.Boolean}
+        buffer = io.BytesIO()
+        pl.DataFrame(rows, schema=schema).write_parquet(buffer)
+        self.location.write_atomic("results.parquet", buffer.getvalue())
+        return self.ref("results.parquet")

@@ -83,6 +83,12 @@ class Study:
     def output_dir(self) -> Path:
         return self.resolve(self.spec.execution.output_dir.replace("{study}", self.spec.name))
 
+    @property
+    def output_location(self) -> Path | str:
+        """The study directory: a local folder, or an object-storage URL kept as written."""
+        raw = self.spec.execution.output_dir.replace("{study}", self.spec.name)
+        return raw.rstrip("/") if "://" in raw else self.output_dir
+
 
 def resolve_path(path: str, base_dir: Path) -> Path:
     expanded = Path(os.path.expanduser(os.path.expandvars(path)))

@@ -46,3 +46,24 @@ def write_study(directory: Path, data: dict | str, name: str = "study.yaml") -> 
     text = data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def light_demo_study(directory: Path, name: str = "light", models: tuple[str, ...] = ("demo-llama", "demo-cohere"),
+                     languages: list[str] | None = None, pruners: list[dict] | None = None, **execution) -> Path:
+    """The demo study at a size for tests of the sweep machinery: the same models, languages and pruners,
+    with a few short calibration windows, 256 evaluation tokens per language and no lm-eval tasks (a trial
+    takes about half a second). Paths stay ${SWEEP_DEMO_DIR}-relative, as in the shipped study."""
+    study = yaml.safe_load((STUDIES / "demo.yaml").read_text(encoding="utf-8"))
+    study["name"] = name
+    study["models"] = [m for m in study["models"] if m["name"] in models]
+    study["calibration"].update(samples=8, seq_len=64)
+    if languages is not None:
+        study["calibration"]["languages"] = languages
+    if pruners is not None:
+        study["pruners"] = pruners
+    study["evaluation"]["perplexity"].update(window=64, max_tokens=256)
+    study["evaluation"].pop("tasks")
+    study["evaluation"].pop("include_path")
+    study["execution"] = {"output_dir": str(directory / "runs" / "{study}"), "retries": 1, "device": "cpu",
+                          **execution}
+    return write_study(directory, study, name=f"{name}.yaml")

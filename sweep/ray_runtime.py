@@ -1,0 +1,44 @@
+"""Joining a Ray cluster, or starting an embedded one for this driver alone."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+# Passed on to every worker actor, so workers see what the driver was told (offline mode, demo assets,
+# caches, fault drills) whichever node they land on.
+FORWARDED_ENV_PREFIXES = ("SWEEP_", "HF_", "TRANSFORMERS_", "HUGGINGFACE_")
+
+
+@dataclass(frozen=True)
+class RayTarget:
+    address: str | None  # None: start an embedded local Ray
+    num_cpus: int | None = None  # embedded only
+    num_gpus: int | None = None  # embedded only; logical GPUs are enough for testing the scheduler
+
+
+def start_ray(target: RayTarget) -> str:
+    """Connects this driver to Ray; returns a line saying where it runs."""
+    import ray
+
+    common = {"include_dashboard": False, "log_to_driver": False, "namespace": "calibration-sweep",
+              "configure_logging": True, "logging_level": "warning"}
+    if target.address:
+        ray.init(address=target.address, **{k: v for k, v in common.items() if k != "include_dashboard"})
+        return f"joined the Ray cluster at {target.address}"
+    temp_dir = tempfile.mkdtemp(prefix="sweep-ray-")  # its own sockets and logs: no clash with other clusters
+    ray.init(num_cpus=target.num_cpus, num_gpus=target.num_gpus, _temp_dir=temp_dir, **common)
+    resources = ray.cluster_resources()
+    return (f"started an embedded Ray ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
+            f"logs under {temp_dir})")
+
+
+def worker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,281 @@
+"""`sweep run`: expand the study, read the store, run what is left on Ray, record every event.
+
+Resuming is reading: a trial is done when some driver run logged it finished, so running again after
+any interruption (a killed driver, a lost node, Ctrl-C) runs only the rest, and a grown grid runs only
+its new keys. Trials that failed with their retries used up are left alone unless --retry-failed.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sweep.env import REPO_ROOT
+from sweep.grid import Plan, TrialSpec, expand
+from sweep.problems import StudyInvalid
+from sweep.progress import LiveProgress, Summary, estimate_eta, format_duration
+from sweep.ray_runtime import RayTarget, start_ray, stop_ray, worker_env
+from sweep.store import StoreLocked, StudyStore
+from sweep.study import Study, load_study
+
+EXIT_OK, EXIT_FAILED_TRIALS, EXIT_INVALID, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+@dataclass
+class RunOptions:
+    out: str | None = None  # study directory; default: the study's execution.output_dir
+    address: str | None = None  # Ray cluster; None: embedded local Ray
+    num_cpus: int | None = None  # embedded Ray only
+    num_gpus: int | None = None  # embedded Ray only (logical GPUs: for testing placement on a CPU machine)
+    max_actors: int | None = None  # overrides execution.max_actors
+    retry_failed: bool = False
+    progress: bool = True
+    preflight: bool = True
+
+
+@dataclass
+class RunOutcome:
+    code: int
+    finished: int = 0
+    failed: int = 0
+    model_loads: int = 0
+    loads_by_model: dict = field(default_factory=dict)
+    store: str = ""
+
+
+def trial_fields(trial: TrialSpec) -> dict:
+    return {"model": trial.model_label, "pruner": trial.pruner_label or "dense",
+            "sparsity": trial.sparsity.canonical() if trial.sparsity else "0",
+            "calibration": trial.calibration.canonical() if trial.calibration else None,
+            "seed": trial.seed, "dense": trial.is_dense}
+
+
+def git_revision() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def plan_record(plan: Plan) -> dict:
+    return {"study": plan.study.name, "written": time.time(),
+            "trials": [{"key": t.key, "name": t.name, **trial_fields(t)} for t in plan.trials]}
+
+
+def run_study(study_path: str | Path, options: RunOptions, out=sys.stdout, err=sys.stderr) -> RunOutcome:
+    from sweep.cli import report_invalid
+    from sweep.env import apply_default_env
+
+    apply_default_env()
+    try:
+        study = load_study(study_path)
+        plan = expand(study)
+    except StudyInvalid as problem:
+        return RunOutcome(report_invalid(problem, err))
+    for warning in study.warnings:
+        print(f"warning: {warning}", file=err)
+    if options.preflight:
+        try:
+            preflight(study)
+        except StudyInvalid as problem:
+            return RunOutcome(report_invalid(problem, err))
+
+    store = StudyStore(options.out or study.output_location)
+    try:
+        store.acquire()
+    except StoreLocked as locked:
+        print(f"error: {locked}", file=err)
+        return RunOutcome(EXIT_LOCKED)
+    try:
+        return _run_locked(study, plan, store, options, out, err, Path(study_path).read_text(encoding="utf-8"))
+    finally:
+        store.release()
+
+
+def preflight(study: Study) -> None:
+    from sweep.preflight import check_calibration_text
+
+    if study.spec.calibration.source.kind != "local":
+        return
+    from transformers import AutoTokenizer
+
+    tokenizers = {}
+    for i, model in enumerate(study.spec.models):
+        name = model.hub if model.hub is not None else study.model_paths[i]
+        tokenizers[model.label] = AutoTokenizer.from_pretrained(name, revision=model.revision,
+                                                                trust_remote_code=model.trust_remote_code)
+    check_calibration_text(study, tokenizers)
+
+
+def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions, out, err, text: str) -> RunOutcome:
+    frozen = store.freeze_study(text)
+    store.write_plan(plan_record(plan))
+    reading = store.read_events()
+    for name in reading.cut_off:
+        print(f"note: {name} ends in a cut-off line (its driver was killed mid-write); that event is ignored",
+              file=err)
+    for where in reading.unreadable:
+        print(f"note: {where} is not a JSON event; ignored", file=err)
+    state = store.state(reading.events)
+    finished = [t for t in plan.trials if state.is_done(t.key)]
+    gave_up = [t for t in plan.trials if not state.is_done(t.key) and state.gave_up(t.key)]
+    todo = [t for t in plan.trials if not state.is_done(t.key) and (options.retry_failed or not state.gave_up(t.key))]
+    print(f"study {study.name}: {len(plan.trials)} trials; {len(finished)} finished earlier, "
+          f"{len(gave_up)} failed earlier{' (retrying)' if options.retry_failed else ''}, {len(todo)} to run", file=out)
+    print(f"  study directory: {store.location.url}", file=out)
+    if gave_up and not options.retry_failed:
+        print(f"  {len(gave_up)} trial(s) failed in an earlier run and are not retried; add --retry-failed to "
+              "run them again (`sweep status` shows their errors)", file=out)
+    current = {t.key for t in plan.trials}
+    if not todo:
+        store.compact(current)
+        print(f"nothing to run; results: {store.ref('results.parquet')}", file=out)
+        return RunOutcome(EXIT_FAILED_TRIALS if gave_up else EXIT_OK, store=store.location.url)
+
+    where = start_ray(RayTarget(options.address, options.num_cpus, options.num_gpus))
+    print(f"  {where}", file=out)
+    try:
+        return _schedule(study, plan, todo, state, store, options, out, err, str(frozen), current, len(finished),
+                         0 if options.retry_failed else len(gave_up))
+    finally:
+        stop_ray()
+
+
+def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: StudyStore, options: RunOptions,
+              out, err, frozen: str, current: set[str], finished_before: int, failed_before: int) -> RunOutcome:
+    import ray
+
+    from sweep.scheduler import Scheduler, SchedulerConfig, SchedulingError, cluster_capacity
+    from sweep.worker import ModelWorker
+
+    execution = study.spec.execution
+    jobs, shapes = build_jobs(study, todo, state, store)
+    for label, shape in shapes.items():
+        if cluster_capacity(shape) == 0:
+            message = (f"models[{label}] needs {shape.describe()} per replica but the cluster has "
+                       f"{ray.cluster_resources().get('GPU', 0):g} GPUs and {ray.cluster_resources().get('CPU', 0):g} CPUs")
+            if options.address is None:
+                print(f"error: {message}. Set gpus: 0 for this model to run it on CPU, or join a GPU cluster with "
+                      "--address.", file=err)
+                return RunOutcome(EXIT_INVALID, store=store.location.url)
+            print(f"warning: {message}; waiting for the autoscaler to add a node", file=err)
+
+    versions = _driver_versions()
+    revision = git_revision()
+    by_key = {t.key: t for t in todo}
+    store.append({"event": "run_started", "study": study.name, "study_file": frozen, "trials": len(plan.trials),
+                  "to_run": len(todo), "finished_before": finished_before, "git": revision, "versions": versions,
+                  "address": options.address, "retries": execution.retries, "timeout_s": execution.trial_timeout_s})
+    progress = LiveProgress(out, enabled=options.progress)
+    durations: list[float] = []
+    counts = {"finished": 0, "failed": 0}
+
+    def emit(event: dict) -> None:
+        kind = event["event"]
+        trial = by_key.get(event.get("key"))
+        if kind == "finished":
+            result = event.pop("result") or {}
+            event.update(trial=trial_fields(trial), spec=trial.payload(), metrics=result.get("metrics", []),
+                         pruning=result.get("pruning"), timings=result.get("timings"), git=revision)
+            durations.append(event.get("seconds") or 0.0)
+            counts["finished"] += 1
+            progress.log(f"  done    {event['name']}  ({event['seconds']:.1f} s, actor #{event['actor']}, attempt {event['attempt']})")
+        elif kind == "failed":
+            event.update(trial=trial_fields(trial), git=revision)
+            verdict = "gave up" if event["final"] else "will retry"
+            counts["failed"] += event["final"]
+            progress.log(f"  failed  {event['name']}  attempt {event['attempt']} ({verdict}): {event['error']}")
+        elif kind == "actor_lost":
+            progress.log(f"  worker #{event['actor']} on {event.get('host')} died: {event['error']}; its trial is re-queued")
+        elif kind == "started":
+            event.update(trial=trial_fields(trial))
+        store.append(event)
+
+    actor_options = {"runtime_env": {"env_vars": worker_env()}}
+    scheduler = Scheduler(ray.remote(ModelWorker), jobs,
+                          SchedulerConfig(retries=execution.retries, timeout_s=execution.trial_timeout_s,
+                                          max_actors=options.max_actors or execution.max_actors),
+                          emit, actor_options=actor_options)
+
+    def tick(s: Scheduler) -> None:
+        store.heartbeat()
+        running = len(s.running())
+        left = s.queued()
+        actors = sum(1 for slot in s.slots.values() if slot.info is not None)
+        progress.update(Summary(total=len(plan.trials), done=finished_before + counts["finished"],
+                                running=running, failed=failed_before + counts["failed"],
+                                left=left, eta_s=estimate_eta(durations, left, running, actors),
+                                actors=s.holdings()))
+
+    interrupted = {"signal": None}
+
+    def on_signal(number, _frame):
+        if interrupted["signal"] is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        interrupted["signal"] = number
+        scheduler.stop()
+        progress.log(f"  stopping ({signal.Signals(number).name}): no new trials; run again to continue")
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    started = time.monotonic()
+    try:
+        counters = scheduler.run(on_tick=tick)
+    except SchedulingError as problem:
+        progress.close()
+        store.append({"event": "run_stopped", "reason": str(problem)})
+        print(f"error: {problem}", file=err)
+        return RunOutcome(EXIT_FAILED_TRIALS, store=store.location.url)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    progress.close()
+    elapsed = time.monotonic() - started
+    store.append({"event": "run_stopped" if interrupted["signal"] else "run_finished", "seconds": elapsed,
+                  "finished": counters.finished, "failed": counters.failed, "model_loads": counters.model_loads,
+                  "loads_by_model": counters.loads_by_model, "actors_started": counters.actors_started,
+                  "actors_lost": counters.actors_lost})
+    results = store.compact(current)
+    print(f"ran {counters.finished} trial(s) in {format_duration(elapsed)}; {counters.failed} failed; "
+          f"{counters.model_loads} model load(s) {counters.loads_by_model}; {counters.actors_lost} worker(s) lost",
+          file=out)
+    print(f"results: {results}", file=out)
+    code = EXIT_INTERRUPTED if interrupted["signal"] else (EXIT_FAILED_TRIALS if counters.failed or failed_before else EXIT_OK)
+    return RunOutcome(code, finished=counters.finished, failed=counters.failed, model_loads=counters.model_loads,
+                      loads_by_model=dict(counters.loads_by_model), store=store.location.url)
+
+
+def build_jobs(study: Study, todo: list[TrialSpec], state, store: StudyStore):
+    from sweep.scheduler import Job, Shape
+    from sweep.trials import evaluation_config, model_source, trial_config
+    from sweep.worker import TrialTask
+
+    execution = study.spec.execution
+    evaluation = evaluation_config(study)
+    # Calibration windows are cached beside the study when it is local; workers on a remote store use
+    # their own machine's cache.
+    cache_dir = store.location.local_path("cache") if store.is_local else None
+    log_dir = str(store.location.local_path("logs")) if store.is_local else None
+    shapes = {m.label: Shape(gpus=m.gpus, cpus=execution.cpus_per_actor) for m in study.spec.models}
+    sources = {i: model_source(study, i) for i in range(len(study.spec.models))}
+    jobs = []
+    for trial in todo:
+        config = trial_config(study, trial, evaluation=evaluation, cache_dir=cache_dir)
+        task = TrialTask(model_source=sources[trial.model_index], config=config, device=execution.device,
+                         artifacts=str(store.artifact_dir(trial.key)), log_dir=log_dir)
+        jobs.append(Job(key=trial.key, name=trial.name, model=trial.model_label, shape=shapes[trial.model_label],
+                        payload=task, earlier_attempts=state.attempts.get(trial.key, 0)))
+    return jobs, shapes
+
+
+def _driver_versions() -> dict:
+    from sweep.worker import library_versions
+
+    return {"python": sys.version.split()[0], **library_versions()}

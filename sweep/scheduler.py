@@ -1,0 +1,313 @@
+"""Dispatching jobs onto Ray actors with model affinity, retries, timeouts and dead-actor replacement.
+
+The scheduler knows nothing of pruning: a job is a key, the model it needs loaded (its affinity group),
+the actor shape that model needs, and an opaque payload the actor's `run` method understands. Actors
+answer `run(job_payload, model, attempt)` with a reply dict (see `sweep.worker`), and `info()` with where
+they run.
+
+Policy
+- One queue per model. An idle actor takes the next job for the model it holds; when that queue is
+  empty it switches to the model with the most queued jobs that no other actor holds (else the longest
+  queue), so two actors on two models load each model once.
+- Actors are sized by shape (GPUs, CPUs per replica) and created while their shape has queued work and
+  the cluster has room; an actor whose shape has no work left is released so its GPUs serve others.
+- A job that raises is retried up to `retries` times; a job whose actor or node dies is re-queued and
+  the actor replaced; a job past `timeout_s` has its actor killed, and is retried like a failure.
+  Every attempt counts, so a trial that kills its worker every time ends as failed instead of looping.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+
+@dataclass(frozen=True)
+class Shape:
+    gpus: float
+    cpus: float
+
+    def describe(self) -> str:
+        return f"{self.gpus:g} GPU + {self.cpus:g} CPU" if self.gpus else f"{self.cpus:g} CPU"
+
+
+@dataclass
+class Job:
+    key: str
+    name: str
+    model: str  # affinity group: the model the actor must hold
+    shape: Shape
+    payload: Any
+    earlier_attempts: int = 0  # started in earlier driver runs (reported, not counted against retries)
+    attempts: int = 0  # made in this run
+
+
+@dataclass
+class SchedulerConfig:
+    retries: int = 2
+    timeout_s: float | None = None
+    max_actors: int | None = None
+    poll_s: float = 0.5
+    max_start_failures: int = 5  # actors that die before their first job; more means a broken setup
+
+
+class SchedulingError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Slot:
+    id: int
+    handle: Any
+    shape: Shape
+    info_ref: Any
+    info: dict | None = None
+    model: str | None = None  # the model it holds (after its last job)
+    job: Job | None = None
+    ref: Any = None
+    since: float = 0.0
+
+    def describe(self) -> dict:
+        info = self.info or {}
+        return {"actor": self.id, "node": info.get("node"), "host": info.get("host"), "gpus": info.get("gpus"),
+                "pid": info.get("pid")}
+
+
+@dataclass
+class Counters:
+    finished: int = 0
+    failed: int = 0  # jobs that ended failed (retries exhausted)
+    attempts_failed: int = 0
+    actors_started: int = 0
+    actors_lost: int = 0
+    model_loads: int = 0
+    loads_by_model: dict[str, int] = field(default_factory=dict)
+
+
+Emit = Callable[[dict], None]
+
+
+class Scheduler:
+    def __init__(self, actor_class: Any, jobs: list[Job], config: SchedulerConfig, emit: Emit,
+                 actor_options: dict | None = None, capacity: Callable[[Shape], int] | None = None):
+        self.actor_class = actor_class
+        self.config = config
+        self.emit = emit
+        self.actor_options = actor_options or {}
+        self.capacity = capacity or cluster_capacity
+        self.queues: dict[str, deque[Job]] = {}
+        for job in jobs:
+            self.queues.setdefault(job.model, deque()).append(job)
+        self.shapes = {job.model: job.shape for job in jobs}
+        self.slots: dict[int, _Slot] = {}
+        self.counters = Counters()
+        self._next_id = 0
+        self._start_failures = 0
+        self._stopping = False
+        self.total = len(jobs)
+
+    # -- state ---------------------------------------------------------------------------------
+    def queued(self, shape: Shape | None = None) -> int:
+        return sum(len(q) for m, q in self.queues.items() if shape is None or self.shapes[m] == shape)
+
+    def running(self) -> list[_Slot]:
+        return [s for s in self.slots.values() if s.job is not None]
+
+    def done(self) -> bool:
+        return self.queued() == 0 and not self.running()
+
+    def stop(self) -> None:
+        """Stops handing out work; `run` returns once the jobs in flight are abandoned."""
+        self._stopping = True
+
+    def holdings(self) -> list[dict]:
+        return [{"actor": s.id, "model": s.model, "busy": s.job is not None, "starting": s.info is None}
+                for s in sorted(self.slots.values(), key=lambda s: s.id)]
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, on_tick: Callable[["Scheduler"], None] | None = None) -> Counters:
+        try:
+            while not self.done() and not self._stopping:
+                self._size_pool()
+                self._dispatch()
+                waiting = {s.ref: s for s in self.slots.values() if s.ref is not None}
+                waiting.update({s.info_ref: s for s in self.slots.values() if s.info is None})
+                if waiting:
+                    ready, _ = ray.wait(list(waiting), num_returns=1, timeout=self.config.poll_s)
+                    # drain whatever else is already complete without waiting again
+                    if ready and len(waiting) > 1:
+                        more, _ = ray.wait([r for r in waiting if r not in ready], num_returns=len(waiting) - 1,
+                                           timeout=0)
+                        ready += more
+                    for ref in ready:
+                        slot = waiting[ref]
+                        if ref is slot.info_ref and slot.info is None:
+                            self._on_started(slot)
+                        else:
+                            self._on_reply(slot)
+                else:
+                    time.sleep(self.config.poll_s)
+                self._check_timeouts()
+                if on_tick is not None:
+                    on_tick(self)
+        finally:
+            self._release_all()
+        return self.counters
+
+    # -- actors ----------------------------------------------------------------------------------
+    def _size_pool(self) -> None:
+        total_cap = self.config.max_actors or math.inf
+        for shape in {self.shapes[m] for m, q in self.queues.items() if q}:
+            mine = [s for s in self.slots.values() if s.shape == shape]
+            idle_or_starting = sum(1 for s in mine if s.job is None)
+            want = min(self.queued(shape) + len(mine) - idle_or_starting, self.capacity(shape))
+            want = max(want, 1)  # with no room yet, one pending actor lets an autoscaler add a node
+            while len(mine) < want and len(self.slots) < total_cap:
+                mine.append(self._start_actor(shape))
+        # Actors whose shape has nothing queued give their resources back.
+        for slot in list(self.slots.values()):
+            if slot.job is None and slot.info is not None and self.queued(slot.shape) == 0:
+                self._release(slot, "no work left for its shape")
+
+    def _start_actor(self, shape: Shape) -> _Slot:
+        options = {**self.actor_options, "num_cpus": shape.cpus, "num_gpus": shape.gpus, "max_restarts": 0,
+                   "max_task_retries": 0}
+        handle = self.actor_class.options(**options).remote()
+        self._next_id += 1
+        slot = _Slot(id=self._next_id, handle=handle, shape=shape, info_ref=handle.info.remote())
+        self.slots[slot.id] = slot
+        self.counters.actors_started += 1
+        return slot
+
+    def _on_started(self, slot: _Slot) -> None:
+        try:
+            slot.info = ray.get(slot.info_ref)
+        except (RayActorError, RayTaskError) as err:
+            self._start_failures += 1
+            del self.slots[slot.id]
+            self.emit({"event": "actor_failed", "actor": slot.id, "error": _first_line(err)})
+            if self._start_failures > self.config.max_start_failures:
+                raise SchedulingError(f"{self._start_failures} worker actors died before running anything; "
+                                      f"the last said: {_first_line(err)}") from err
+            return
+        self._start_failures = 0
+        self.emit({"event": "actor_started", **slot.describe(), "shape": slot.shape.describe(),
+                   "versions": slot.info.get("versions")})
+
+    def _release(self, slot: _Slot, why: str) -> None:
+        ray.kill(slot.handle, no_restart=True)
+        del self.slots[slot.id]
+        self.emit({"event": "actor_released", "actor": slot.id, "why": why, "model": slot.model})
+
+    def _release_all(self) -> None:
+        for slot in list(self.slots.values()):
+            if slot.job is not None:
+                self.emit({"event": "abandoned", "key": slot.job.key, "name": slot.job.name, **slot.describe()})
+            ray.kill(slot.handle, no_restart=True)
+        self.slots.clear()
+
+    # -- dispatch ----------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        if self._stopping:
+            return
+        for slot in sorted(self.slots.values(), key=lambda s: s.id):
+            if slot.job is not None or slot.info is None:
+                continue
+            model = self._pick_model(slot)
+            if model is None:
+                continue
+            job = self.queues[model].popleft()
+            job.attempts += 1
+            slot.job, slot.since = job, time.monotonic()
+            slot.ref = slot.handle.run.remote(job.payload, job.model, job.earlier_attempts + job.attempts)
+            self.emit({"event": "started", "key": job.key, "name": job.name, "model": job.model,
+                       "attempt": job.earlier_attempts + job.attempts, **slot.describe()})
+
+    def _pick_model(self, slot: _Slot) -> str | None:
+        if slot.model is not None and self.queues.get(slot.model):
+            return slot.model
+        candidates = [m for m, q in self.queues.items() if q and self.shapes[m] == slot.shape]
+        if not candidates:
+            return None
+        held = {s.model for s in self.slots.values() if s is not slot} | {
+            s.job.model for s in self.slots.values() if s.job is not None}
+        return max(candidates, key=lambda m: (m not in held, len(self.queues[m])))
+
+    # -- replies -----------------------------------------------------------------------------------
+    def _on_reply(self, slot: _Slot) -> None:
+        job, ref = slot.job, slot.ref
+        slot.job, slot.ref = None, None
+        seconds = time.monotonic() - slot.since
+        where = slot.describe()
+        try:
+            reply = ray.get(ref)
+        except RayActorError as err:
+            self.counters.actors_lost += 1
+            del self.slots[slot.id]
+            self.emit({"event": "actor_lost", **where, "model": slot.model, "error": _first_line(err)})
+            self._attempt_failed(job, where, f"worker died while running it: {_first_line(err)}", "", seconds)
+            return
+        except RayTaskError as err:
+            self._attempt_failed(job, where, _first_line(err), str(err), seconds)
+            return
+        if reply.get("loaded"):
+            self.counters.model_loads += 1
+            self.counters.loads_by_model[job.model] = self.counters.loads_by_model.get(job.model, 0) + 1
+        slot.model = reply.get("model")
+        if reply.get("ok"):
+            self.counters.finished += 1
+            self.emit({"event": "finished", "key": job.key, "name": job.name, "model": job.model,
+                       "attempt": job.earlier_attempts + job.attempts, "seconds": seconds, **where,
+                       "result": reply.get("result"), "load": reply.get("load"), "worker_seconds": reply.get("seconds")})
+        else:
+            self._attempt_failed(job, where, reply.get("error", "unknown error"), reply.get("traceback", ""), seconds,
+                                 reply.get("retryable", True))
+
+    def _attempt_failed(self, job: Job, where: dict, error: str, traceback: str, seconds: float,
+                        retryable: bool = True) -> None:
+        self.counters.attempts_failed += 1
+        final = not retryable or job.attempts > self.config.retries
+        if final:
+            self.counters.failed += 1
+        else:
+            self.queues[job.model].append(job)
+        self.emit({"event": "failed", "key": job.key, "name": job.name, "model": job.model,
+                   "attempt": job.earlier_attempts + job.attempts, "final": final, "error": error,
+                   "traceback": traceback, "seconds": seconds, **where})
+
+    def _check_timeouts(self) -> None:
+        limit = self.config.timeout_s
+        if limit is None:
+            return
+        now = time.monotonic()
+        for slot in list(self.slots.values()):
+            if slot.job is not None and now - slot.since > limit:
+                job, where = slot.job, slot.describe()
+                ray.kill(slot.handle, no_restart=True)
+                del self.slots[slot.id]
+                self.emit({"event": "actor_released", "actor": slot.id, "why": "trial timed out", "model": slot.model})
+                self._attempt_failed(job, where, f"timed out after {limit:g} s; its worker was killed", "", now - slot.since)
+
+
+def cluster_capacity(shape: Shape) -> int:
+    """How many actors of this shape the cluster could hold at once, were it empty."""
+    resources = ray.cluster_resources()
+    fits = []
+    if shape.gpus:
+        fits.append(int(resources.get("GPU", 0) // shape.gpus))
+    if shape.cpus:
+        fits.append(int(resources.get("CPU", 0) // shape.cpus))
+    return min(fits) if fits else 1
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:500] if text else type(err).__name__
+
+
+__all__ = ["Job", "Shape", "Scheduler", "SchedulerConfig", "SchedulingError", "Counters", "cluster_capacity"]

@@ -1,0 +1,81 @@
+"""`sweep status DIR`: the live summary, from the study directory alone (running or stopped)."""
+from __future__ import annotations
+
+import sys
+import time
+
+from sweep.progress import Summary, estimate_eta, format_duration, format_summary
+from sweep.store import StudyStore, study_state
+
+
+def summarize(plan: dict | None, events: list[dict], driver_alive: bool) -> tuple[Summary, dict]:
+    """The summary of the latest plan, from events; `extra` holds the latest run's facts."""
+    store_state = study_state(events)
+    keys = [t["key"] for t in (plan or {}).get("trials", [])]
+    runs = [e for e in events if e.get("event") == "run_started"]
+    latest = runs[-1]["run"] if runs else None
+    live = [e for e in events if e.get("run") == latest] if latest else []
+    running: dict[str, dict] = {}
+    actors: dict[int, dict] = {}
+    durations = []
+    for event in live:
+        kind, key = event.get("event"), event.get("key")
+        if kind == "started":
+            running[key] = event
+            actors[event["actor"]] = {"actor": event["actor"], "model": event.get("model"), "busy": True}
+        elif kind in ("finished", "failed", "abandoned"):
+            running.pop(key, None)
+            if event.get("actor") in actors:
+                actors[event["actor"]]["busy"] = False
+            if kind == "finished":
+                durations.append(float(event.get("seconds") or 0))
+        elif kind in ("actor_released", "actor_lost"):
+            actors.pop(event.get("actor"), None)
+    if not driver_alive:
+        running, actors = {}, {}
+    done = sum(1 for k in keys if store_state.is_done(k))
+    failed = sum(1 for k in keys if not store_state.is_done(k) and store_state.gave_up(k) and k not in running)
+    in_flight = sum(1 for k in keys if k in running)
+    left = len(keys) - done - failed - in_flight
+    summary = Summary(total=len(keys), done=done, running=in_flight, failed=failed, left=left,
+                      eta_s=estimate_eta(durations, left, in_flight, len(actors)) if driver_alive else None,
+                      actors=sorted(actors.values(), key=lambda a: a["actor"]))
+    extra = {"latest_run": latest, "runs": len(runs),
+             "failed_keys": [k for k in keys if not store_state.is_done(k) and k in store_state.failed],
+             "state": store_state, "running": running}
+    return summary, extra
+
+
+def print_status(directory: str, show_failures: bool = False, out=sys.stdout, err=sys.stderr) -> int:
+    store = StudyStore(directory)
+    plan = store.read_plan()
+    if plan is None:
+        print(f"error: {directory} is not a study directory (no plan.json); `sweep run STUDY --out {directory}` "
+              "creates one", file=err)
+        return 2
+    reading = store.read_events()
+    holder = store.lock_holder()
+    alive = store.holder_alive(holder) if holder else False
+    summary, extra = summarize(plan, reading.events, alive)
+    if alive:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+        state = f"running: driver pid {holder.get('pid')} on {holder.get('host')} since {since}"
+    else:
+        state = "stopped" + (" (a stale lock of a dead driver is left; the next run takes it over)" if holder else "")
+    print(f"study {plan.get('study')} in {store.location.url}: {state}; {extra['runs']} driver run(s)", file=out)
+    print(format_summary(summary), file=out)
+    for event in extra["running"].values():
+        print(f"  running {event.get('name')}  attempt {event.get('attempt')} on actor #{event.get('actor')} "
+              f"({event.get('host')}) for {format_duration(time.time() - event.get('time', time.time()))}", file=out)
+    names = {t["key"]: t["name"] for t in plan.get("trials", [])}
+    for key in extra["failed_keys"]:
+        event = extra["state"].failed[key]
+        verdict = "gave up" if event.get("final", True) else "retrying"
+        print(f"  failed  {names.get(key, key)}  attempt {event.get('attempt')} ({verdict}): {event.get('error')}", file=out)
+        if show_failures and event.get("traceback"):
+            print("    " + event["traceback"].rstrip().replace("\n", "\n    "), file=out)
+    for name in reading.cut_off:
+        print(f"  note: {name} ends in a cut-off line (a driver killed mid-write); that event is ignored", file=out)
+    for where in reading.unreadable:
+        print(f"  note: {where} is not a JSON event; ignored", file=out)
+    return 0

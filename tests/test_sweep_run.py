@@ -1,0 +1,326 @@
+"""`sweep run` end to end on Ray, on the demo models: resume after a killed driver, model affinity, a lost
+node, grown grids, failures, timeouts, two drivers, a cut-off log, an object-store study directory.
+
+GPUs are Ray logical resources here (the machine has none); the trials run on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from sweep.run import RunOptions, run_study
+from sweep.store import StudyStore
+from tests.conftest import REPO, light_demo_study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def assets():
+    from engine.demo import ensure_demo_assets
+
+    return ensure_demo_assets(log=print)
+
+
+def sweep_env(**extra: str) -> dict:
+    from sweep.env import default_demo_dir
+
+    env = {**os.environ, "SWEEP_DEMO_DIR": str(default_demo_dir()), "RAY_AUTH_MODE": "token", **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def sweep_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sweep.cli", *args], cwd=REPO, env=env or sweep_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def spawn_sweep(*args: str, env: dict | None = None, log: Path) -> subprocess.Popen:
+    handle = open(log, "w")
+    return subprocess.Popen([sys.executable, "-m", "sweep.cli", *args], cwd=REPO, env=env or sweep_env(),
+                            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def events(directory: Path | str) -> list[dict]:
+    return StudyStore(directory).read_events().events
+
+
+def of_kind(evs: list[dict], kind: str, run: str | None = None) -> list[dict]:
+    return [e for e in evs if e.get("event") == kind and (run is None or e.get("run") == run)]
+
+
+def runs(evs: list[dict]) -> list[str]:
+    return [e["run"] for e in of_kind(evs, "run_started")]
+
+
+def plan_keys(directory: Path | str) -> set[str]:
+    return {t["key"] for t in StudyStore(directory).read_plan()["trials"]}
+
+
+def wait_for_finished(directory: Path, count: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the driver exited early with {process.returncode}")
+        if (directory / "events").is_dir() and len(of_kind(events(directory), "finished")) >= count:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"fewer than {count} trials finished in {timeout} s")
+
+
+def results_table(directory: Path) -> pl.DataFrame:
+    frame = pl.read_parquet(directory / "results.parquet")
+    return frame.filter(pl.col("current")).select("key", "language", "task", "metric", "value").sort(
+        "key", "language", "task", "metric")
+
+
+def assert_same_results(a: pl.DataFrame, b: pl.DataFrame) -> None:
+    assert a.select("key", "language", "task", "metric").equals(b.select("key", "language", "task", "metric"))
+    diff = (a["value"] - b["value"]).abs().max()
+    assert diff <= 1e-9, f"results differ by up to {diff}"
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """The full light demo grid, uninterrupted, on an embedded Ray with two CPU actors."""
+    directory = tmp_path_factory.mktemp("reference")
+    study = light_demo_study(directory)
+    outcome = run_study(study, RunOptions(num_cpus=2, progress=False))
+    return study, directory / "runs" / "light", outcome
+
+
+def test_uninterrupted_run_finishes_every_trial_with_at_most_four_model_loads(reference):
+    study, out, outcome = reference
+    assert outcome.code == 0 and outcome.failed == 0
+    evs = events(out)
+    finished = of_kind(evs, "finished")
+    assert len(finished) == len(plan_keys(out)) == 46
+    assert len({e["key"] for e in finished}) == 46  # nothing ran twice
+    # model affinity: 2 actors, 2 models
+    assert outcome.model_loads <= 4, outcome.loads_by_model
+    assert set(outcome.loads_by_model) == {"demo-llama", "demo-cohere"}
+    summary = of_kind(evs, "run_finished")[-1]
+    assert summary["model_loads"] == outcome.model_loads and summary["actors_lost"] == 0
+    event = next(e for e in finished if e["name"] == "demo-llama.wanda.s50.cal-sw.seed0")
+    assert event["trial"] == {"model": "demo-llama", "pruner": "wanda", "sparsity": "0.5", "calibration": "sw",
+                              "seed": 0, "dense": False}
+    assert event["attempt"] == 1 and event["host"] and event["pid"] and event["git"]
+    assert {"calibration", "pruning", "perplexity", "restore"} <= set(event["timings"])
+    assert Path(event["pruning"]["masks_path"]).is_file()
+    assert of_kind(evs, "run_started")[0]["versions"]["torch"].startswith("2.13.0")
+    table = results_table(out)
+    assert table.height == 46 * 7 * 3  # every trial x 7 target languages x 3 perplexity metrics
+    # `sweep status` on the stopped study
+    status = sweep_cli("status", str(out))
+    assert status.returncode == 0, status.stderr
+    assert "stopped" in status.stdout and "46/46 done, 0 running, 0 failed, 0 left" in status.stdout
+    # and running it again runs nothing
+    again = run_study(study, RunOptions(num_cpus=2, progress=False))
+    assert again.code == 0 and again.finished == 0 and len(runs(events(out))) == 1
+
+
+def test_driver_killed_with_sigkill_resumes_without_rerunning_and_matches(reference, tmp_path):
+    study, reference_out, _ = reference
+    out = tmp_path / "killed"
+    first = spawn_sweep("run", str(study), "--out", str(out), "--num-cpus", "2", "--no-progress", log=tmp_path / "1.log")
+    try:
+        wait_for_finished(out, 12, first)
+        status = sweep_cli("status", str(out))
+        assert f"running: driver pid {first.pid}" in status.stdout, status.stdout
+        assert "actors #1:demo-" in status.stdout or "actors #2:demo-" in status.stdout, status.stdout
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    before = events(out)
+    done_before = {e["key"] for e in of_kind(before, "finished")}
+    assert 12 <= len(done_before) < 46
+    assert json.loads((out / "driver.lock").read_text())["pid"] == first.pid  # left behind by the dead driver
+
+    second = sweep_cli("run", str(study), "--out", str(out), "--num-cpus", "2", "--no-progress")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"{len(done_before)} finished earlier" in second.stdout
+    evs = events(out)
+    resumed = runs(evs)[-1]
+    started_again = {e["key"] for e in of_kind(evs, "started", resumed)}
+    assert not started_again & done_before  # finished trials were not re-run
+    finished = of_kind(evs, "finished")
+    assert len(finished) == 46 and len({e["key"] for e in finished}) == 46
+    assert_same_results(results_table(out), results_table(reference_out))
+    assert not (out / "driver.lock").exists()
+
+
+def test_lost_node_leaves_its_trials_to_the_other_node(assets, tmp_path, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    study_path = light_demo_study(tmp_path)
+    study = yaml.safe_load(study_path.read_text())
+    for model in study["models"]:
+        model["gpus"] = 1  # one logical GPU per replica: one actor per worker node
+    study_path.write_text(yaml.safe_dump(study))
+    temp_dir = tempfile.mkdtemp(prefix="sweep-t-")  # short: Ray's socket paths must fit in 107 bytes
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)  # Cluster writes its address file there, not in a shared /tmp/ray
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir})
+    try:
+        doomed = cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.wait_for_nodes()
+        out = tmp_path / "runs" / "light"
+        removed = threading.Event()
+
+        def lose_a_node_mid_run():
+            while not removed.is_set():
+                if (out / "events").is_dir() and len(of_kind(events(out), "finished")) >= 10:
+                    cluster.remove_node(doomed)
+                    removed.set()
+                time.sleep(0.2)
+
+        # The driver runs here (a driver in another process cannot use an in-process Cluster's nodes).
+        killer = threading.Thread(target=lose_a_node_mid_run, daemon=True)
+        killer.start()
+        try:
+            outcome = run_study(study_path, RunOptions(address=cluster.address, progress=False))
+        finally:
+            removed.set()
+            killer.join()
+        assert outcome.code == 0
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    evs = events(out)
+    finished = of_kind(evs, "finished")
+    assert len(finished) == 46 and len({e["key"] for e in finished}) == 46, "lost or duplicated trials"
+    assert of_kind(evs, "run_finished")[-1]["actors_lost"] >= 1
+    assert all(e["gpus"] for e in finished)  # each trial ran on an actor holding a GPU
+    nodes = {e["node"] for e in finished}
+    assert len(nodes) == 2  # both nodes worked before one was lost
+    assert of_kind(evs, "actor_lost")
+
+
+def test_grown_grid_runs_only_new_trials_and_a_changed_suite_gets_new_keys(assets, tmp_path):
+    def study(languages, max_tokens=256):
+        path = light_demo_study(tmp_path, models=("demo-llama",), languages=languages,
+                                pruners=[{"method": "wanda", "sparsity": 0.5}])
+        data = yaml.safe_load(path.read_text())
+        data["evaluation"]["perplexity"]["max_tokens"] = max_tokens
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    out = tmp_path / "runs" / "light"
+    assert run_study(study(["en", "sw"]), RunOptions(num_cpus=2, progress=False)).code == 0
+    first_keys = plan_keys(out)
+    assert len(first_keys) == 3  # dense + wanda x 2 languages
+    assert run_study(study(["en", "sw", "de"]), RunOptions(num_cpus=2, progress=False)).code == 0
+    evs = events(out)
+    new = plan_keys(out) - first_keys
+    assert len(new) == 1 and {e["key"] for e in of_kind(evs, "started", runs(evs)[-1])} == new
+    assert len(list(out.glob("study*.yaml"))) == 2  # each version of the study file kept
+
+    assert run_study(study(["en", "sw", "de"], max_tokens=192), RunOptions(num_cpus=2, progress=False)).code == 0
+    third = plan_keys(out)
+    assert not third & (first_keys | new)  # a changed evaluation suite changes every key
+    frame = pl.read_parquet(out / "results.parquet")
+    assert set(frame.filter(pl.col("current"))["key"]) == third
+    assert set(frame.filter(~pl.col("current"))["key"]) == first_keys | new  # old results stay readable
+
+
+def test_failures_are_retried_dead_and_stuck_workers_replaced(assets, tmp_path, monkeypatch):
+    path = light_demo_study(tmp_path, models=("demo-llama",), languages=["en", "de", "sw"],
+                            pruners=[{"method": "wanda", "sparsity": 0.5}], trial_timeout_s=20)
+    faults = [{"match": "cal-en", "kind": "raise", "attempts": 1},
+              {"match": "cal-de", "kind": "exit", "attempts": 1},  # the worker process dies
+              {"match": "cal-sw", "kind": "hang", "attempts": 1},  # stuck past the timeout
+              {"match": "dense", "kind": "raise", "attempts": 9}]  # fails on every attempt
+    monkeypatch.setenv("SWEEP_INJECT_FAULTS", json.dumps(faults))
+    out = tmp_path / "runs" / "light"
+    outcome = run_study(path, RunOptions(num_cpus=2, progress=False))
+    assert outcome.code == 1 and outcome.finished == 3 and outcome.failed == 1
+    evs = events(out)
+    failed = {e["name"]: e for e in of_kind(evs, "failed")}
+    assert "injected fault" in failed["demo-llama.wanda.s50.cal-en.seed0"]["error"]
+    assert "RuntimeError" in failed["demo-llama.wanda.s50.cal-en.seed0"]["traceback"]
+    assert "worker died" in failed["demo-llama.wanda.s50.cal-de.seed0"]["error"]
+    assert "timed out after 20 s" in failed["demo-llama.wanda.s50.cal-sw.seed0"]["error"]
+    dense = [e for e in of_kind(evs, "failed") if e["name"] == "demo-llama.dense"]
+    assert [e["attempt"] for e in dense] == [1, 2] and [e["final"] for e in dense] == [False, True]
+    finished = {e["name"]: e["attempt"] for e in of_kind(evs, "finished")}
+    assert finished == {f"demo-llama.wanda.s50.cal-{c}.seed0": 2 for c in ("en", "de", "sw")}
+    assert of_kind(evs, "run_finished")[-1]["actors_lost"] == 1
+
+    status = sweep_cli("status", str(out), "--failures")
+    assert "3/4 done, 0 running, 1 failed, 0 left" in status.stdout
+    assert "demo-llama.dense  attempt 2 (gave up): RuntimeError: injected fault" in status.stdout
+    assert "Traceback" in status.stdout
+
+    monkeypatch.delenv("SWEEP_INJECT_FAULTS")
+    skipped = run_study(path, RunOptions(num_cpus=2, progress=False))
+    assert skipped.code == 1 and skipped.finished == 0  # a trial that gave up is not retried by default...
+    retried = run_study(path, RunOptions(num_cpus=2, progress=False, retry_failed=True))
+    assert retried.code == 0 and retried.finished == 1  # ...unless asked
+    assert [e["attempt"] for e in of_kind(events(out), "finished") if e["name"] == "demo-llama.dense"] == [3]
+
+
+def test_a_second_driver_refuses_and_writes_nothing(assets, tmp_path):
+    path = light_demo_study(tmp_path, models=("demo-llama",), languages=["en"])
+    out = tmp_path / "runs" / "light"
+    holder = StudyStore(out)
+    holder.acquire()
+    try:
+        second = sweep_cli("run", str(path), "--no-progress")
+    finally:
+        holder.release()
+    assert second.returncode == 3
+    assert f"in use by another driver (pid {os.getpid()}" in second.stderr
+    assert sorted(p.name for p in out.iterdir()) == []  # no log, no plan, no frozen study
+
+
+def test_cut_off_last_line_is_reported_and_its_trial_runs_again(assets, tmp_path):
+    path = light_demo_study(tmp_path, models=("demo-llama",), languages=["en", "sw"],
+                            pruners=[{"method": "wanda", "sparsity": 0.5}])
+    out = tmp_path / "runs" / "light"
+    assert run_study(path, RunOptions(num_cpus=2, progress=False)).code == 0
+    log = next((out / "events").glob("*.jsonl"))
+    lines = log.read_bytes().split(b"\n")[:-1]
+    last_finished = max(i for i, line in enumerate(lines) if b'"event": "finished"' in line)
+    cut_key = json.loads(lines[last_finished])["key"]
+    log.write_bytes(b"\n".join(lines[:last_finished]) + b"\n" + lines[last_finished][:40])  # killed mid-write
+
+    status = sweep_cli("status", str(out))
+    assert f"{log.name} ends in a cut-off line" in status.stdout and "2/3 done" in status.stdout
+    again = sweep_cli("run", str(path), "--num-cpus", "2", "--no-progress")
+    assert again.returncode == 0 and f"{log.name} ends in a cut-off line" in again.stderr
+    evs = events(out)
+    assert {e["key"] for e in of_kind(evs, "started", runs(evs)[-1])} == {cut_key}
+
+
+def test_study_directory_on_object_storage(assets, tmp_path):
+    """A file:// URL goes through fsspec, the same path as s3:// and gs://: no appends, no exclusive create."""
+    path = light_demo_study(tmp_path, models=("demo-llama",), languages=["en", "sw"],
+                            pruners=[{"method": "sparsegpt", "sparsity": 0.5}])
+    url = f"file://{tmp_path}/bucket/light"
+    assert run_study(path, RunOptions(out=url, num_cpus=2, progress=False)).code == 0
+    root = tmp_path / "bucket" / "light"
+    assert sorted(p.name for p in (root / "events").iterdir())[0].endswith("-00000.jsonl")
+    finished = of_kind(events(url), "finished")
+    assert len(finished) == 3
+    masks = [e["pruning"]["masks_path"] for e in finished if e.get("pruning")]
+    assert len(masks) == 2 and all(m.startswith(url) for m in masks)
+    assert all((root / m.removeprefix(f"{url}/")).is_file() for m in masks)
+    assert not list(root.rglob("*.tmp"))
+    assert pl.read_parquet(root / "results.parquet").height == 3 * 7 * 3
+    again = run_study(path, RunOptions(out=url, num_cpus=2, progress=False))
+    assert again.code == 0 and len(runs(events(url))) == 1  # all done: nothing started
