@@ -88,7 +88,11 @@ def run_study(study_path: str | Path, options: RunOptions, out=sys.stdout, err=s
         except StudyInvalid as problem:
             return RunOutcome(report_invalid(problem, err))
 
-    store = StudyStore(options.out or study.output_location)
+    try:
+        store = StudyStore(options.out or study.output_location)
+    except ValueError as problem:
+        print(f"error: --out / execution.output_dir: {problem}", file=err)
+        return RunOutcome(EXIT_INVALID)
     try:
         store.acquire()
     except StoreLocked as locked:
@@ -140,7 +144,13 @@ def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions
         print(f"nothing to run; results: {store.ref('results.parquet')}", file=out)
         return RunOutcome(EXIT_FAILED_TRIALS if gave_up else EXIT_OK, store=store.location.url)
 
-    where = start_ray(RayTarget(options.address, options.num_cpus, options.num_gpus))
+    try:
+        where = start_ray(RayTarget(options.address, options.num_cpus, options.num_gpus))
+    except (ConnectionError, RuntimeError, ValueError) as problem:
+        print(f"error: could not {'join the Ray cluster at ' + options.address if options.address else 'start Ray'}: "
+              f"{problem}. Check --address / RAY_ADDRESS (and RAY_AUTH_MODE=token for a cluster with token "
+              "authentication); nothing was run.", file=err)
+        return RunOutcome(EXIT_INVALID, store=store.location.url)
     print(f"  {where}", file=out)
     try:
         return _schedule(study, plan, todo, state, store, options, out, err, str(frozen), current, len(finished),

@@ -12,7 +12,8 @@ Policy
 - Actors are sized by shape (GPUs, CPUs per replica) and created while their shape has queued work and
   the cluster has room; an actor whose shape has no work left is released so its GPUs serve others.
 - A job that raises is retried up to `retries` times; a job whose actor or node dies is re-queued and
-  the actor replaced; a job past `timeout_s` has its actor killed, and is retried like a failure.
+  the actor replaced; a job past `timeout_s` has its actor killed, and is retried like a failure. The
+  timeout covers the trial, not the model load before it (a load is its own call).
   Every attempt counts, so a trial that kills its worker every time ends as failed instead of looping.
 """
 from __future__ import annotations
@@ -70,6 +71,7 @@ class _Slot:
     model: str | None = None  # the model it holds (after its last job)
     job: Job | None = None
     ref: Any = None
+    loading: bool = False  # `ref` is a model load (not under the trial timeout), then the trial runs
     since: float = 0.0
 
     def describe(self) -> dict:
@@ -224,9 +226,19 @@ class Scheduler:
             job = self.queues[model].popleft()
             job.attempts += 1
             slot.job, slot.since = job, time.monotonic()
-            slot.ref = slot.handle.run.remote(job.payload, job.model, job.earlier_attempts + job.attempts)
             self.emit({"event": "started", "key": job.key, "name": job.name, "model": job.model,
                        "attempt": job.earlier_attempts + job.attempts, **slot.describe()})
+            if slot.model != job.model:
+                # Loading first, as its own call: a 70B load can take longer than a trial's timeout.
+                slot.loading = True
+                slot.ref = slot.handle.load.remote(job.payload, job.model)
+            else:
+                self._run_on(slot)
+
+    def _run_on(self, slot: _Slot) -> None:
+        job = slot.job
+        slot.loading, slot.since = False, time.monotonic()
+        slot.ref = slot.handle.run.remote(job.payload, job.model, job.earlier_attempts + job.attempts)
 
     def _pick_model(self, slot: _Slot) -> str | None:
         if slot.model is not None and self.queues.get(slot.model):
@@ -240,8 +252,8 @@ class Scheduler:
 
     # -- replies -----------------------------------------------------------------------------------
     def _on_reply(self, slot: _Slot) -> None:
-        job, ref = slot.job, slot.ref
-        slot.job, slot.ref = None, None
+        job, ref, loading = slot.job, slot.ref, slot.loading
+        slot.job, slot.ref, slot.loading = None, None, False
         seconds = time.monotonic() - slot.since
         where = slot.describe()
         try:
@@ -259,6 +271,16 @@ class Scheduler:
             self.counters.model_loads += 1
             self.counters.loads_by_model[job.model] = self.counters.loads_by_model.get(job.model, 0) + 1
         slot.model = reply.get("model")
+        if loading:
+            if reply.get("ok"):
+                self.emit({"event": "model_loaded", "model": job.model, "seconds": seconds, **where,
+                           "load": reply.get("load")})
+                slot.job = job
+                self._run_on(slot)
+            else:
+                self._attempt_failed(job, where, f"loading {job.model} failed: {reply.get('error')}",
+                                     reply.get("traceback", ""), seconds, reply.get("retryable", True))
+            return
         if reply.get("ok"):
             self.counters.finished += 1
             self.emit({"event": "finished", "key": job.key, "name": job.name, "model": job.model,
@@ -286,7 +308,7 @@ class Scheduler:
             return
         now = time.monotonic()
         for slot in list(self.slots.values()):
-            if slot.job is not None and now - slot.since > limit:
+            if slot.job is not None and not slot.loading and now - slot.since > limit:
                 job, where = slot.job, slot.describe()
                 ray.kill(slot.handle, no_restart=True)
                 del self.slots[slot.id]

@@ -94,6 +94,22 @@ class ModelWorker:
     def holds(self) -> str | None:
         return self.model_id
 
+    def load(self, task: TrialTask, model_id: str) -> dict:
+        """Makes this actor hold `model_id` (freeing the model it held first)."""
+        started = time.perf_counter()
+        reply: dict[str, Any] = {"ok": False, "loaded": False}
+        try:
+            if self.model_id != model_id:
+                reply["load"] = self._load(task.model_source, model_id, self._device(task.device))
+                reply["loaded"] = True
+            reply["ok"] = True
+        except Exception as err:  # noqa: BLE001
+            reply.update(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(),
+                         retryable=not isinstance(err, DeviceUnavailable))
+        reply["model"] = self.model_id
+        reply["seconds"] = time.perf_counter() - started
+        return reply
+
     def run(self, task: TrialTask, model_id: str, attempt: int = 1) -> dict:
         started = time.perf_counter()
         reply: dict[str, Any] = {"ok": False, "loaded": False}

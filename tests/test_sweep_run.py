@@ -324,3 +324,32 @@ def test_study_directory_on_object_storage(assets, tmp_path):
     assert pl.read_parquet(root / "results.parquet").height == 3 * 7 * 3
     again = run_study(path, RunOptions(out=url, num_cpus=2, progress=False))
     assert again.code == 0 and len(runs(events(url))) == 1  # all done: nothing started
+
+
+def test_sigterm_stops_cleanly_and_the_next_run_continues(assets, tmp_path):
+    path = light_demo_study(tmp_path, models=("demo-llama",), pruners=[{"method": "wanda", "sparsity": 0.5}])
+    out = tmp_path / "runs" / "light"
+    driver = spawn_sweep("run", str(path), "--num-cpus", "2", log=tmp_path / "driver.log")
+    try:
+        wait_for_finished(out, 3, driver)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=60) == 130
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    log = (tmp_path / "driver.log").read_text()
+    assert "stopping (SIGTERM): no new trials; run again to continue" in log
+    evs = events(out)
+    assert evs[-1]["event"] == "run_stopped" and not (out / "driver.lock").exists()
+    done = {e["key"] for e in of_kind(evs, "finished")}
+    assert 3 <= len(done) < 8
+    again = run_study(path, RunOptions(num_cpus=2, progress=False))
+    assert again.code == 0 and again.finished == 8 - len(done)
+    assert not {e["key"] for e in of_kind(events(out), "started", runs(events(out))[-1])} & done
+
+
+def test_bad_study_directory_url_is_refused_before_any_work(assets, tmp_path):
+    path = light_demo_study(tmp_path, models=("demo-llama",), languages=["en"])
+    result = sweep_cli("run", str(path), "--out", "nosuchscheme://bucket/study")
+    assert result.returncode == 2 and "--out / execution.output_dir" in result.stderr
+    assert "nosuchscheme" in result.stderr and not (tmp_path / "runs").exists()
