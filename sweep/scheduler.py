@@ -101,7 +101,8 @@ class Scheduler:
         self.config = config
         self.emit = emit
         self.actor_options = actor_options or {}
-        self.capacity = capacity or cluster_capacity
+        self._capacity_of = capacity or cluster_capacity
+        self._capacity_seen: dict[Shape, tuple[float, int]] = {}
         self.queues: dict[str, deque[Job]] = {}
         for job in jobs:
             self.queues.setdefault(job.model, deque()).append(job)
@@ -162,6 +163,15 @@ class Scheduler:
         return self.counters
 
     # -- actors ----------------------------------------------------------------------------------
+    def capacity(self, shape: Shape) -> int:
+        """The cluster's room for this shape, asked of Ray at most every 5 s (nodes come and go)."""
+        now = time.monotonic()
+        seen = self._capacity_seen.get(shape)
+        if seen is None or now - seen[0] > 5.0:
+            seen = (now, self._capacity_of(shape))
+            self._capacity_seen[shape] = seen
+        return seen[1]
+
     def _size_pool(self) -> None:
         total_cap = self.config.max_actors or math.inf
         for shape in {self.shapes[m] for m, q in self.queues.items() if q}:
