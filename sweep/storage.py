@@ -43,7 +43,7 @@ class LocalLocation:
     is_local = True
 
     def __init__(self, root: Path):
-        self.root = Path(root).expanduser().absolute()
+        self.root = Path(os.path.abspath(Path(root).expanduser()))
         self.url = str(self.root)
 
     def join(self, *parts: str) -> str:
