@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -26,7 +27,9 @@ def start_ray(target: RayTarget) -> str:
     if target.address:
         ray.init(address=target.address, **{k: v for k, v in common.items() if k != "include_dashboard"})
         return f"joined the Ray cluster at {target.address}"
+    global _embedded_temp_dir
     temp_dir = tempfile.mkdtemp(prefix="sweep-ray-")  # its own sockets and logs: no clash with other clusters
+    _embedded_temp_dir = temp_dir
     ray.init(num_cpus=target.num_cpus, num_gpus=target.num_gpus, _temp_dir=temp_dir, **common)
     resources = ray.cluster_resources()
     return (f"started an embedded Ray ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
@@ -37,8 +40,25 @@ def worker_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
-def stop_ray() -> None:
+_embedded_temp_dir: str | None = None
+
+
+def stop_ray(keep_logs: bool = False) -> str | None:
+    """Disconnects (and stops an embedded Ray). The embedded Ray's folder goes too unless `keep_logs`;
+    returns the folder kept, if any."""
+    global _embedded_temp_dir
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    folder, _embedded_temp_dir = _embedded_temp_dir, None
+    if folder is None or keep_logs:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def node_count() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))

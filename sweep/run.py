@@ -17,7 +17,7 @@ from sweep.env import REPO_ROOT
 from sweep.grid import Plan, TrialSpec, expand
 from sweep.problems import StudyInvalid
 from sweep.progress import LiveProgress, Summary, estimate_eta, format_duration
-from sweep.ray_runtime import RayTarget, start_ray, stop_ray, worker_env
+from sweep.ray_runtime import RayTarget, node_count, start_ray, stop_ray, worker_env
 from sweep.store import StoreLocked, StudyStore
 from sweep.study import Study, load_study
 
@@ -152,11 +152,22 @@ def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions
               "authentication); nothing was run.", file=err)
         return RunOutcome(EXIT_INVALID, store=store.location.url)
     print(f"  {where}", file=out)
+    if options.address and store.is_local and node_count() > 1:
+        print(f"warning: the study directory {store.location.url} is a local path on a {node_count()}-node cluster: "
+              "workers write masks into it on their own node. Use a path every node mounts, or an s3:// / gs:// "
+              "URL.", file=err)
+    outcome = None
     try:
-        return _schedule(study, plan, todo, state, store, options, out, err, str(frozen), current, len(finished),
-                         0 if options.retry_failed else len(gave_up))
+        outcome = _schedule(study, plan, todo, state, store, options, out, err, str(frozen), current,
+                            len(finished), 0 if options.retry_failed else len(gave_up))
+        return outcome
     finally:
-        stop_ray()
+        # Ray's own logs matter when the scheduling broke (workers that would not start), not for a trial's
+        # error, which the event log holds with its traceback.
+        broken = outcome is None or (outcome.code == EXIT_FAILED_TRIALS and outcome.failed == 0)
+        kept = stop_ray(keep_logs=broken)
+        if kept:
+            print(f"  Ray's logs are kept in {kept}", file=err)
 
 
 def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: StudyStore, options: RunOptions,

@@ -1,0 +1,132 @@
+"""cluster.yaml (AWS) and cluster.local.yaml (on-prem): valid for the Ray cluster launcher that ships with the
+installed Ray, and consistent with the project (its torch pin, its Ray, the GPUs its reference study asks
+for). `ray up` itself needs a cloud account or SSH machines and is not run here; scripts/run_study.py (the
+`ray submit` entry script) is checked for the arguments it hands to `sweep run`.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, STUDIES
+
+CONFIGS = ["cluster.yaml", "cluster.local.yaml"]
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((REPO / name).read_text(encoding="utf-8"))
+
+
+def ray_schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_validates_against_the_ray_launcher_schema(name):
+    jsonschema = pytest.importorskip("jsonschema")
+    config = load(name)
+    schema = ray_schema()
+    jsonschema.validate(config, schema)  # the file as written: top-level keys, node types, auth, commands
+    assert set(config) <= set(schema["properties"])
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_passes_the_launchers_own_preparation_and_validation(name):
+    """What `ray up` does with the file before it contacts any machine: defaults filled in from the
+    provider's defaults.yaml, setup commands merged, worker limits set, the result validated again."""
+    pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(load(name)))
+    validate_config(prepared)
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+def test_aws_node_types_declare_resources_and_scale_from_zero():
+    config = load("cluster.yaml")
+    assert config["provider"]["type"] == "aws"
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # the driver only: no worker actor on the head
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    assert len(workers) >= 2
+    for name, node_type in workers.items():
+        assert node_type["min_workers"] == 0, name
+        assert node_type["max_workers"] >= 1, name
+        assert node_type["resources"]["GPU"] >= 1 and node_type["resources"]["CPU"] >= 1, name
+        assert node_type["node_config"]["InstanceType"], name
+    assert sum(t["max_workers"] for t in workers.values()) <= config["max_workers"]
+    # every model of the reference study fits on some worker type
+    study = yaml.safe_load((STUDIES / "kurz2024.yaml").read_text(encoding="utf-8"))
+    most = max(t["resources"]["GPU"] for t in workers.values())
+    assert all(model["gpus"] <= most for model in study["models"])
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_node_installs_this_project_with_the_pinned_torch_and_this_ray(name):
+    import ray
+
+    config = load(name)
+    pin = next(line.strip() for line in (REPO / "constraints.txt").read_text().splitlines()
+               if line.strip().startswith("torch=="))
+    setup = config["setup_commands"]
+    assert any(f"-c ~/calibration-sweep/constraints.txt {pin}" in cmd for cmd in setup), setup
+    project = [cmd for cmd in setup if "-e " in cmd and "calibration-sweep" in cmd]
+    assert len(project) == 1 and "constraints.txt" in project[0]
+    # the launcher on the laptop and Ray on the cluster must be the same version
+    assert f'"ray[default]=={ray.__version__}"' in project[0]
+    # the torch install comes before the project's (so the project cannot pull another torch)
+    assert setup.index(next(c for c in setup if pin in c)) < setup.index(project[0])
+    # GPU workers refuse a CPU build of torch
+    assert any("torch.cuda.is_available()" in cmd for cmd in config["worker_setup_commands"])
+    # the project tree and the token are mounted on every node
+    mounts = config["file_mounts"]
+    assert (REPO / mounts["~/calibration-sweep"] / "pyproject.toml").is_file()  # `ray up` from the repo root
+    assert mounts["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert ".gitignore" in config["rsync_filter"]  # keeps .venv, .cache and runs/ off the nodes
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_node_starts_ray_with_token_authentication(name):
+    config = load(name)
+    head = " ".join(config["head_start_ray_commands"])
+    workers = " ".join(config["worker_start_ray_commands"])
+    assert re.search(r"RAY_AUTH_MODE=token ray start --head\b", head)
+    assert "--dashboard-port=8265" in head  # what `ray dashboard CONFIG` forwards and the README uses
+    assert re.search(r"RAY_AUTH_MODE=token ray start --address=\$RAY_HEAD_IP:6379", workers)
+    assert any("export RAY_AUTH_MODE=token" in cmd for cmd in config["setup_commands"])  # ray submit / attach
+
+
+def test_local_provider_variant_lists_head_and_worker_ips():
+    config = load("cluster.local.yaml")
+    provider = config["provider"]
+    assert provider["type"] == "local" and provider["head_ip"] and provider["worker_ips"]
+    assert "available_node_types" not in config  # the local provider makes its own single node type
+
+
+# -- scripts/run_study.py, the `ray submit` entry script ------------------------------------------------
+@pytest.fixture(scope="module")
+def run_study_script():
+    spec = importlib.util.spec_from_file_location("run_study", REPO / "scripts" / "run_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_entry_script_joins_the_running_cluster_unless_told_where(run_study_script, monkeypatch):
+    build = run_study_script.build_argv
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert build(["s.yaml", "--out", "s3://b/s"]) == ["run", "s.yaml", "--out", "s3://b/s", "--address", "auto"]
+    assert build(["s.yaml", "--address", "10.0.0.5:6379"]) == ["run", "s.yaml", "--address", "10.0.0.5:6379"]
+    assert build(["s.yaml", "--address=10.0.0.5:6379"]) == ["run", "s.yaml", "--address=10.0.0.5:6379"]
+    assert build([]) == ["run", "--help"]
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # `sweep run` reads it itself
+    assert build(["s.yaml"]) == ["run", "s.yaml"]
