@@ -31,7 +31,8 @@ def ray_schema() -> dict:
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_validates_against_the_ray_launcher_schema(name):
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # a dependency of ray[default]
+
     config = load(name)
     schema = ray_schema()
     jsonschema.validate(config, schema)  # the file as written: top-level keys, node types, auth, commands
@@ -42,7 +43,6 @@ def test_config_validates_against_the_ray_launcher_schema(name):
 def test_config_passes_the_launchers_own_preparation_and_validation(name):
     """What `ray up` does with the file before it contacts any machine: defaults filled in from the
     provider's defaults.yaml, setup commands merged, worker limits set, the result validated again."""
-    pytest.importorskip("jsonschema")
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     prepared = prepare_config(copy.deepcopy(load(name)))
