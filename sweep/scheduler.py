@@ -295,7 +295,8 @@ class Scheduler:
             self.counters.finished += 1
             self.emit({"event": "finished", "key": job.key, "name": job.name, "model": job.model,
                        "attempt": job.earlier_attempts + job.attempts, "seconds": seconds, **where,
-                       "result": reply.get("result"), "load": reply.get("load"), "worker_seconds": reply.get("seconds")})
+                       "result": reply.get("result"), "load": reply.get("load"), "worker_seconds": reply.get("seconds"),
+                       "versions": (slot.info or {}).get("versions")})
         else:
             self._attempt_failed(job, where, reply.get("error", "unknown error"), reply.get("traceback", ""), seconds,
                                  reply.get("retryable", True))

@@ -117,6 +117,8 @@ def test_uninterrupted_run_finishes_every_trial_with_at_most_four_model_loads(re
     assert event["trial"] == {"model": "demo-llama", "pruner": "wanda", "sparsity": "0.5", "calibration": "sw",
                               "seed": 0, "dense": False}
     assert event["attempt"] == 1 and event["host"] and event["pid"] and event["git"]
+    assert event["versions"]["torch"].startswith("2.13.0") and event["versions"]["lm_eval"]
+    assert event["spec"]["calibration"]["seed"] == 0 and event["spec"]["pruner"]["method"] == "wanda"
     assert {"calibration", "pruning", "perplexity", "restore"} <= set(event["timings"])
     assert Path(event["pruning"]["masks_path"]).is_file()
     assert of_kind(evs, "run_started")[0]["versions"]["torch"].startswith("2.13.0")
