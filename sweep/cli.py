@@ -115,6 +115,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return print_status(args.directory, show_failures=args.failures)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from sweep.report import ReportError, build_report
+    from sweep.store import StudyStore
+
+    try:
+        plan = StudyStore(args.directory).read_plan()
+        if plan is None:
+            raise ReportError(f"{args.directory} is not a study directory (no plan.json); `sweep run STUDY --out "
+                              f"{args.directory}` makes one")
+        out = Path(args.out or Path("reports") / plan["study"])
+        path = build_report(args.directory, out)
+    except (ReportError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"report: {path}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sweep", description="Calibration-language pruning studies on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--failures", action="store_true", help="print each failed trial's last error and traceback")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", help="tables, heat maps and findings of a study directory -> reports/<study>/")
+    p.add_argument("directory")
+    p.add_argument("--out", help="where to write the report (default reports/<study>)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="build the offline demo assets and run the demo study")
     p.add_argument("--rebuild-assets", action="store_true")

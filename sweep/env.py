@@ -14,3 +14,16 @@ def default_demo_dir() -> Path:
 def apply_default_env() -> None:
     """SWEEP_DEMO_DIR: where the demo assets live (default <repo>/.cache/demo)."""
     os.environ.setdefault("SWEEP_DEMO_DIR", str(default_demo_dir()))
+
+
+def quiet_libraries() -> None:
+    """One line per trial instead of datasets' and transformers' progress bars and notices."""
+    import logging
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for name in ("lm_eval", "lm-eval", "transformers", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -38,6 +38,7 @@ class StudyTables:
     ranks: pl.DataFrame
     tasks: pl.DataFrame
     languages: list[str]  # target languages, in study order
+    groups: list[tuple[str, str, str]]  # (model, pruner, sparsity) of the pruned trials, in plan order
 
     def matrix(self, model: str, pruner: str, sparsity: str, task: str, metric: str,
                value: str = "mean") -> pl.DataFrame:
@@ -134,8 +135,10 @@ def reduce_study(results: pl.LazyFrame, plan: dict, languages: list[str]) -> Stu
     tidy = against_dense(tidy_results(results, plan_frame(plan)))
     seeds = over_seeds(tidy)
     tidy_df, seeds_df = pl.collect_all([tidy, seeds])
+    groups = list(dict.fromkeys((t["model"], t["pruner"], t["sparsity"]) for t in plan.get("trials", [])
+                                if not t.get("dense")))
     return StudyTables(tidy=tidy_df, seeds=seeds_df, ranks=target_ranks(seeds_df.lazy(), languages).collect(),
-                       tasks=downstream(seeds_df.lazy()).collect(), languages=languages)
+                       tasks=downstream(seeds_df.lazy()).collect(), languages=languages, groups=groups)
 
 
 def load_tables(study_dir: Path | str, plan: dict, languages: list[str]) -> StudyTables:

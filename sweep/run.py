@@ -66,7 +66,10 @@ def git_revision() -> str | None:
 
 
 def plan_record(plan: Plan) -> dict:
-    return {"study": plan.study.name, "written": time.time(),
+    spec = plan.study.spec
+    return {"study": plan.study.name, "written": time.time(), "languages": list(spec.evaluation.languages),
+            "calibration_languages": [m.canonical() for m in plan.study.calibration_mixes],
+            "gpus": {m.label: m.gpus for m in spec.models},
             "trials": [{"key": t.key, "name": t.name, **trial_fields(t)} for t in plan.trials]}
 
 

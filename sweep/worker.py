@@ -68,7 +68,7 @@ class ModelWorker:
 
     @staticmethod
     def _quiet() -> None:
-        from sweep.demo import quiet_libraries
+        from sweep.env import quiet_libraries
 
         quiet_libraries()
 

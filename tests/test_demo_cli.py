@@ -48,15 +48,18 @@ def test_demo_runs_and_writes_its_report(demo_assets, tmp_path):
     path.write_text(yaml.safe_dump(study))
 
     assert run_demo(report_dir=tmp_path / "report", study_path=path) == 0
-    html = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
-    assert "Dense baselines" in html and "calibration language x target language" in html
-    assert "demo-cohere / wanda / 0.5" in html and "Downstream accuracy" in html
-    frame = pl.read_csv(tmp_path / "report" / "results.csv")
-    assert frame["trial"].n_unique() == 2 * (1 + 2 * 2)  # per model: dense + 2 pruners x 2 calibration languages
-    bpb = frame.filter((pl.col("task") == "perplexity") & (pl.col("metric") == "bits_per_byte"))
-    assert bpb.height == 10 * 2
+    report = tmp_path / "report"
+    html = (report / "index.html").read_text(encoding="utf-8")
+    assert "Dense baselines" in html and "Calibration language x target language" in html
+    assert "demo-cohere / wanda 0.5: bits per byte" in html and "Downstream tasks" in html
+    assert "Demo models" in html and "Corpus sources" in html and "complete" in html
+    assert sorted(p.name for p in (report / "figures").iterdir()) == [
+        f"{m}-{p}-0.5-{what}.png" for m in ("demo-cohere", "demo-llama") for p in ("sparsegpt", "wanda")
+        for what in ("average-acc", "perplexity-bits-per-byte")]
+    tidy = pl.read_csv(report / "tables" / "tidy.csv")
+    assert tidy["key"].n_unique() == 2 * (1 + 2 * 2)  # per model: dense + 2 pruners x 2 calibration languages
+    bpb = tidy.filter((pl.col("task") == "perplexity") & (pl.col("metric") == "bits_per_byte"))
+    assert bpb.height == 10 * 2 and bpb["value"].null_count() == 0
     for value in bpb["value"]:
         # uniform over bytes is 8 bits per byte; a trained model is far below it
         assert math.isfinite(value) and 0 < value < 4
-    accuracy = frame.filter(pl.col("task").str.starts_with("demo_continuation") & (pl.col("metric") == "acc"))
-    assert accuracy.height == 10 * 2 and accuracy["value"].is_between(0, 1).all()

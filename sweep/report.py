@@ -1,0 +1,254 @@
+"""`sweep report DIR`: the study's tables, heat maps and findings as one self-contained HTML file (figures
+embedded, no network), beside the figures as PNG and the tables as CSV and Parquet."""
+from __future__ import annotations
+
+import base64
+import html
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+
+from sweep.figures import heatmap_png
+from sweep.reduce import StudyTables, calibration_matrix, load_tables, lower_is_better
+from sweep.run_stats import RunStats, run_stats
+from sweep.store import StudyStore
+
+PERPLEXITY_METRICS = ("bits_per_byte", "token_perplexity")
+METRIC_NAMES = {"bits_per_byte": "bits per byte", "token_perplexity": "token perplexity", "acc": "accuracy",
+                "acc_norm": "normalised accuracy"}
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+@dataclass
+class Heatmap:
+    title: str
+    slug: str
+    png: bytes
+    matrix: pl.DataFrame
+
+
+def build_report(study_dir: Path | str, out_dir: Path, extra_sections: list[str] | None = None) -> Path:
+    store = StudyStore(study_dir)
+    plan = store.read_plan()
+    if plan is None:
+        raise ReportError(f"{study_dir} is not a study directory (no plan.json): run `sweep run STUDY --out {study_dir}` first")
+    events = store.read_events().events
+    keys = {t["key"] for t in plan["trials"]}
+    languages = plan.get("languages") or sorted({t["calibration"] for t in plan["trials"] if t.get("calibration")})
+    tables = load_tables(study_dir, plan, languages)
+    stats = run_stats(events, keys)
+    study_text = _latest_study_text(store, events)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "figures").mkdir(exist_ok=True)
+    (out_dir / "tables").mkdir(exist_ok=True)
+    for name in ("tidy", "seeds", "ranks", "tasks"):
+        frame: pl.DataFrame = getattr(tables, name)
+        frame.write_parquet(out_dir / "tables" / f"{name}.parquet")
+        frame.write_csv(out_dir / "tables" / f"{name}.csv")
+    heatmaps = draw_heatmaps(tables)
+    for heatmap in heatmaps:
+        (out_dir / "figures" / f"{heatmap.slug}.png").write_bytes(heatmap.png)
+        heatmap.matrix.write_csv(out_dir / "tables" / f"matrix-{heatmap.slug}.csv")
+    page = render(plan, tables, stats, heatmaps, study_text, events, extra_sections or [])
+    (out_dir / "index.html").write_text(page, encoding="utf-8")
+    return out_dir / "index.html"
+
+
+def _latest_study_text(store: StudyStore, events: list[dict]) -> str:
+    runs = [e for e in events if e.get("event") == "run_started" and e.get("study_file")]
+    candidates = []
+    if runs:
+        candidates.append(str(runs[-1]["study_file"]).rsplit("/", 1)[-1])
+    candidates.append("study.yaml")
+    for name in candidates:
+        raw = store.location.read_bytes(name)
+        if raw is not None:
+            return raw.decode("utf-8", errors="replace")
+    return ""
+
+
+def _slug(*parts: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def trial_groups(tables: StudyTables) -> list[tuple[str, str, str]]:
+    return tables.groups
+
+
+def main_metrics(tables: StudyTables) -> list[tuple[str, str]]:
+    """(task, metric) pairs drawn as heat maps: one perplexity metric, and downstream accuracy averaged."""
+    present = set(tables.seeds.filter(pl.col("task") == "perplexity")["metric"].unique().to_list())
+    out = [("perplexity", m) for m in PERPLEXITY_METRICS if m in present][:1]
+    if tables.tasks.filter(pl.col("task") == "average").height:
+        metric = "acc" if "acc" in set(tables.tasks["metric"]) else tables.tasks["metric"][0]
+        out.append(("average", metric))
+    return out
+
+
+def draw_heatmaps(tables: StudyTables) -> list[Heatmap]:
+    out = []
+    for task, metric in main_metrics(tables):
+        source = tables.tasks if task == "average" else tables.seeds
+        for model, pruner, sparsity in trial_groups(tables):
+            matrix = calibration_matrix(source.lazy(), model, pruner, sparsity, task, metric, tables.languages)
+            if matrix.is_empty():
+                continue
+            what = METRIC_NAMES.get(metric, metric) + (" (mean over tasks)" if task == "average" else "")
+            title = f"{model} / {pruner} {sparsity}: {what}"
+            out.append(Heatmap(title, _slug(model, pruner, sparsity, task, metric),
+                               heatmap_png(matrix, title, lower_is_better(metric)), matrix))
+    return out
+
+
+def findings(tables: StudyTables) -> list[str]:
+    """Sentences computed from the rank table, one per (model, pruner, sparsity, main metric)."""
+    lines = []
+    for task, metric in main_metrics(tables):
+        if task == "average":
+            continue  # ranks are per task; the downstream summary is below
+        ranks = tables.ranks.filter((pl.col("task") == task) & (pl.col("metric") == metric))
+        for model, pruner, sparsity in trial_groups(tables):
+            group = ranks.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)
+                                 & (pl.col("sparsity") == sparsity) & pl.col("rank").is_not_null())
+            if group.is_empty():
+                continue
+            wins = int(group["own_is_best"].sum())
+            best = "lowest" if lower_is_better(metric) else "highest"
+            lines.append(f"{model}, {pruner} {sparsity}: calibrating in the target language gave the {best} "
+                         f"{METRIC_NAMES.get(metric, metric)} in {wins} of {group.height} target languages "
+                         f"(mean rank {group['rank'].mean():.2f} among {int(group['ranked'].max())} calibration languages)")
+    averages = tables.tasks.filter((pl.col("task") == "average") & ~pl.col("dense"))
+    for model, pruner, sparsity in trial_groups(tables):
+        group = averages.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)
+                                & (pl.col("sparsity") == sparsity) & pl.col("mean").is_not_null())
+        own = group.filter(pl.col("calibration") == pl.col("target"))
+        if own.is_empty():
+            continue
+        best = group.group_by("target").agg(pl.col("mean").max().alias("best"))
+        wins = own.join(best, on="target").filter(pl.col("mean") >= pl.col("best")).height
+        lines.append(f"{model}, {pruner} {sparsity}: calibrating in the target language gave the highest mean "
+                     f"downstream accuracy in {wins} of {own.height} target languages")
+    return lines
+
+
+# -- HTML ------------------------------------------------------------------------------------------
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "missing"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def table_html(frame: pl.DataFrame, limit: int | None = None) -> str:
+    rows = list(frame.iter_rows())[:limit] if limit else list(frame.iter_rows())
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(
+        "<td class=missing>missing</td>" if v is None else f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+        for row in rows)
+    more = f"<p class=note>{frame.height - len(rows)} more rows in the CSV.</p>" if limit and frame.height > limit else ""
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
+
+
+def render(plan: dict, tables: StudyTables, stats: RunStats, heatmaps: list[Heatmap], study_text: str,
+           events: list[dict], extra_sections: list[str]) -> str:
+    total = len(plan["trials"])
+    finished_keys = set(tables.tidy.filter(pl.col("finished"))["key"].unique().to_list())
+    failed = _failed_trials(events, finished_keys)
+    missing = [t for t in plan["trials"] if t["key"] not in finished_keys]
+    state = ("complete" if not missing else
+             f"partial: {len(finished_keys)} of {total} trials finished, {len(failed)} failed, "
+             f"{len(missing) - len(failed)} not run yet; missing cells are marked, never filled")
+    sections = [
+        f"<h1>Study {html.escape(plan.get('study', ''))}</h1>",
+        f"<p class=state>{html.escape(state)}</p>",
+        "<h2>Findings</h2>",
+        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in findings(tables)) + "</ul>"
+        if findings(tables) else "<p>No finished pruned trials yet.</p>",
+        "<h2>Calibration language x target language</h2>",
+        "<p>Means over seeds. The red outline marks calibrating in the target language; * marks the best "
+        "calibration for each target; hatched cells are missing. Tables: <code>tables/matrix-*.csv</code>.</p>",
+    ]
+    for heatmap in heatmaps:
+        data = base64.b64encode(heatmap.png).decode("ascii")
+        sections.append(f"<figure><img alt=\"{html.escape(heatmap.title)}\" src=\"data:image/png;base64,{data}\">"
+                        f"<figcaption>{html.escape(heatmap.title)}</figcaption></figure>")
+    dense = tables.seeds.filter(pl.col("dense") & (pl.col("task") == "perplexity")
+                                & pl.col("metric").is_in(PERPLEXITY_METRICS)).sort("metric", "model")
+    if dense.height:
+        wide = dense.pivot(on="target", index=["metric", "model"], values="mean", aggregate_function="first")
+        wide = wide.select("metric", "model", *[t for t in tables.languages if t in wide.columns])
+        sections += ["<h2>Dense baselines</h2>", table_html(wide)]
+    order = {g: i for i, g in enumerate(tables.groups)}
+    ranks = (tables.ranks.filter((pl.col("task") == "perplexity") & pl.col("metric").is_in(PERPLEXITY_METRICS[:1]))
+             .with_columns(pl.struct("model", "pruner", "sparsity").map_elements(
+                 lambda r: order.get((r["model"], r["pruner"], r["sparsity"]), len(order)), return_dtype=pl.Int64).alias("_g"),
+                 pl.col("target").map_elements(lambda t: tables.languages.index(t) if t in tables.languages else 99,
+                                               return_dtype=pl.Int64).alias("_t"))
+             .sort("_g", "_t"))
+    if ranks.height:
+        sections += ["<h2>Rank of the target language's own calibration</h2>",
+                     "<p>1 is best among the single-language calibrations present.</p>",
+                     table_html(ranks.select("model", "pruner", "sparsity", "metric", "target", "own_value", "rank",
+                                             "ranked", "best_calibration", "best_value"))]
+    tasks = tables.tasks.filter(~pl.col("dense"))
+    if tasks.height:
+        wide = tasks.pivot(on="target", index=["model", "pruner", "sparsity", "calibration", "task", "metric"],
+                           values="mean", aggregate_function="first")
+        sections += ["<h2>Downstream tasks</h2>", "<p>Mean over seeds, per task and averaged over tasks.</p>",
+                     table_html(wide, limit=200)]
+    seeds = tables.seeds.filter(~pl.col("dense") & (pl.col("seeds_expected") > 1))
+    if seeds.height:
+        sections += ["<h2>Spread over seeds</h2>",
+                     table_html(seeds.select(*["model", "pruner", "sparsity", "calibration", "target", "task", "metric",
+                                               "mean", "std", "seeds", "seeds_expected"]), limit=200)]
+    if missing:
+        rows = [[t["name"], failed.get(t["key"], "not run yet")] for t in missing]
+        sections += ["<h2>Missing trials</h2>",
+                     table_html(pl.DataFrame(rows, schema=["trial", "status"], orient="row"), limit=500)]
+    sections += ["<h2>Run statistics</h2>", table_html(pl.DataFrame([
+        ["trials in the plan", str(total)], ["finished", str(len(finished_keys))],
+        ["failed (retries used up)", str(stats.trials_gave_up)], ["driver runs", str(stats.driver_runs)],
+        ["attempts", str(stats.attempts)], ["failed attempts", str(stats.attempts_failed)],
+        ["workers lost", str(stats.workers_lost)], ["model loads", str(stats.model_loads)],
+        ["worker hours in trials", f"{stats.worker_hours:.3f}"], ["GPU hours in trials", f"{stats.gpu_hours:.3f}"],
+        ["hours loading models", f"{stats.load_hours:.3f}"], ["git revisions", ", ".join(stats.git) or "unknown"],
+    ], schema=["", "value"], orient="row"))]
+    if stats.errors:
+        sections += ["<h3>Errors</h3>", table_html(pl.DataFrame(
+            [[e, n] for e, n in sorted(stats.errors.items(), key=lambda x: -x[1])], schema=["error", "attempts"],
+            orient="row"))]
+    versions = [["driver", k, v] for k, v in stats.driver_versions.items()]
+    versions += [[f"worker set {i + 1}", k, v] for i, vs in enumerate(stats.worker_versions) for k, v in vs.items()]
+    if versions:
+        sections += ["<h2>Library versions</h2>",
+                     table_html(pl.DataFrame(versions, schema=["where", "library", "version"], orient="row"))]
+    sections += extra_sections
+    sections += ["<h2>Study file</h2>", f"<pre>{html.escape(study_text)}</pre>",
+                 f"<p class=note>Written {datetime.now(timezone.utc).isoformat(timespec='seconds')} by "
+                 f"<code>sweep report</code>.</p>"]
+    style = ("body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}"
+             "table{border-collapse:collapse;margin:1rem 0;font-size:.85rem}td,th{border:1px solid #ccc;padding:.2rem .5rem;"
+             "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+             "td.missing{color:#999;background:repeating-linear-gradient(45deg,#fff,#fff 4px,#eee 4px,#eee 8px)}"
+             "figure{display:inline-block;margin:.5rem}figure img{max-width:34rem}figcaption{font-size:.8rem}"
+             "pre{background:#f7f7f7;padding:1rem;overflow-x:auto;font-size:.8rem}.state{font-weight:600}.note{color:#666}")
+    title = html.escape(f"study {plan.get('study', '')}")
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{title}</title><style>{style}</style>"
+            "</head><body>" + "\n".join(sections) + "</body></html>\n")
+
+
+def _failed_trials(events: list[dict], finished: set[str]) -> dict[str, str]:
+    out = {}
+    for event in events:
+        if event.get("event") == "failed" and event.get("final") and event.get("key") not in finished:
+            out[event["key"]] = f"failed: {str(event.get('error') or '')[:200]}"
+    return out
