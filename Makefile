@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast venv assets handbook clean-assets
+.PHONY: demo test test-fast venv assets handbook browser clean-assets
 
 venv: $(STAMP)
 
@@ -21,13 +21,17 @@ $(STAMP): pyproject.toml constraints.txt
 handbook:
 	@bash scripts/install_handbook.sh
 
+# Optional: a headless browser for the report test.
+browser:
+	@bash scripts/install_browser.sh
+
 assets: venv handbook
 	$(PY) -m engine.demo.build
 
 demo: assets
 	$(VENV)/bin/sweep demo
 
-test: venv handbook
+test: venv handbook browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Skips the tests marked slow (asset builds, model training): for quick local iteration only.

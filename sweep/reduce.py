@@ -92,15 +92,13 @@ def target_ranks(seeds: pl.LazyFrame, languages: list[str]) -> pl.LazyFrame:
     score = pl.when(direction).then(pl.col("mean")).otherwise(-pl.col("mean"))
     key = ["model", "pruner", "sparsity", *CELL]
     ranked = single.with_columns(score.alias("_score")).with_columns(
-        pl.col("_score").rank("min").over(key).alias("rank"),
-        pl.col("_score").count().over(key).alias("ranked"),
-    )
+        pl.col("_score").rank("min").over(key).alias("rank"))
     best = (ranked.filter(pl.col("_score").is_not_null()).sort("_score")
             .group_by(key).agg(pl.col("calibration").first().alias("best_calibration"),
                                pl.col("mean").first().alias("best_value")))
     own = ranked.filter(pl.col("calibration") == pl.col("target")).select(
-        *key, pl.col("mean").alias("own_value"), "rank", "ranked")
-    targets = single.select(key).unique()
+        *key, pl.col("mean").alias("own_value"), "rank")
+    targets = ranked.group_by(key).agg(pl.col("_score").count().alias("ranked"))
     return (targets.join(own, on=key, how="left").join(best, on=key, how="left")
             .with_columns((pl.col("rank") == 1).alias("own_is_best")))
 

@@ -199,12 +199,16 @@ def render(plan: dict, tables: StudyTables, stats: RunStats, heatmaps: list[Heat
                      "<p>1 is best among the single-language calibrations present.</p>",
                      table_html(ranks.select("model", "pruner", "sparsity", "metric", "target", "own_value", "rank",
                                              "ranked", "best_calibration", "best_value"))]
-    tasks = tables.tasks.filter(~pl.col("dense"))
+    tasks = tables.tasks.filter(pl.col("task") == "average")
     if tasks.height:
-        wide = tasks.pivot(on="target", index=["model", "pruner", "sparsity", "calibration", "task", "metric"],
+        wide = tasks.pivot(on="target", index=["model", "pruner", "sparsity", "calibration", "metric"],
                            values="mean", aggregate_function="first")
-        sections += ["<h2>Downstream tasks</h2>", "<p>Mean over seeds, per task and averaged over tasks.</p>",
-                     table_html(wide, limit=200)]
+        wide = wide.select("model", "pruner", "sparsity", "calibration", "metric",
+                           *[t for t in tables.languages if t in wide.columns])
+        sections += ["<h2>Downstream tasks</h2>",
+                     "<p>Mean over seeds, averaged over the tasks measured in each target language; per task in "
+                     "<code>tables/tasks.csv</code>. Dense rows are the unpruned models.</p>",
+                     table_html(_in_plan_order(wide, tables), limit=300)]
     seeds = tables.seeds.filter(~pl.col("dense") & (pl.col("seeds_expected") > 1))
     if seeds.height:
         sections += ["<h2>Spread over seeds</h2>",
@@ -221,7 +225,7 @@ def render(plan: dict, tables: StudyTables, stats: RunStats, heatmaps: list[Heat
         ["workers lost", str(stats.workers_lost)], ["model loads", str(stats.model_loads)],
         ["worker hours in trials", f"{stats.worker_hours:.3f}"], ["GPU hours in trials", f"{stats.gpu_hours:.3f}"],
         ["hours loading models", f"{stats.load_hours:.3f}"], ["git revisions", ", ".join(stats.git) or "unknown"],
-    ], schema=["", "value"], orient="row"))]
+    ], schema=["statistic", "value"], orient="row"))]
     if stats.errors:
         sections += ["<h3>Errors</h3>", table_html(pl.DataFrame(
             [[e, n] for e, n in sorted(stats.errors.items(), key=lambda x: -x[1])], schema=["error", "attempts"],
@@ -244,6 +248,19 @@ def render(plan: dict, tables: StudyTables, stats: RunStats, heatmaps: list[Heat
     title = html.escape(f"study {plan.get('study', '')}")
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{title}</title><style>{style}</style>"
             "</head><body>" + "\n".join(sections) + "</body></html>\n")
+
+
+def _in_plan_order(frame: pl.DataFrame, tables: StudyTables) -> pl.DataFrame:
+    groups = {g: i for i, g in enumerate(tables.groups)}
+    languages = tables.languages
+
+    def order(row: dict) -> tuple:
+        group = groups.get((row["model"], row["pruner"], row["sparsity"]), -1)  # dense first
+        calibration = row.get("calibration") or ""
+        return (group, languages.index(calibration) if calibration in languages else len(languages), calibration)
+
+    rows = sorted(frame.iter_rows(named=True), key=order)
+    return pl.DataFrame(rows, schema=frame.schema) if rows else frame
 
 
 def _failed_trials(events: list[dict], finished: set[str]) -> dict[str, str]:

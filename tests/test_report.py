@@ -1,0 +1,170 @@
+"""`sweep report` on a synthetic study directory (partly finished), and the HTML in a real headless browser."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from sweep.cli import main
+from sweep.report import build_report
+from sweep.store import StudyStore
+
+
+def trial(key, pruner="dense", calibration=None, seed=None):
+    return {"key": key, "name": f"m.{pruner}.{calibration}.{seed}", "model": "m", "pruner": pruner,
+            "sparsity": "0" if pruner == "dense" else "0.5", "calibration": calibration, "seed": seed,
+            "dense": pruner == "dense"}
+
+
+TRIALS = [trial("d"), trial("we0", "wanda", "en", 0), trial("wd0", "wanda", "de", 0),
+          trial("we1", "wanda", "en", 1),  # never run
+          trial("se0", "sparsegpt", "en", 0)]  # failed twice: gave up
+VALUES = {  # key -> (bpb en, bpb de, acc en, acc de)
+    "d": (1.0, 2.0, 0.8, 0.6), "we0": (1.2, 2.6, 0.7, 0.5), "wd0": (1.5, 2.2, 0.6, 0.55)}
+
+
+def metrics(values):
+    bpb_en, bpb_de, acc_en, acc_de = values
+    return [{"language": "en", "task": "perplexity", "metric": "bits_per_byte", "value": bpb_en},
+            {"language": "de", "task": "perplexity", "metric": "bits_per_byte", "value": bpb_de},
+            {"language": "en", "task": "t_en", "metric": "acc", "value": acc_en},
+            {"language": "de", "task": "t_de", "metric": "acc", "value": acc_de}]
+
+
+@pytest.fixture
+def study_dir(tmp_path) -> Path:
+    root = tmp_path / "study"
+    with StudyStore(root) as store:
+        store.freeze_study("name: synthetic\n")
+        store.write_plan({"study": "synthetic", "languages": ["en", "de"], "trials": TRIALS})
+        store.append({"event": "run_started", "study_file": str(root / "study.yaml"), "git": "abc123",
+                      "versions": {"python": "3.11.7", "torch": "2.13.0"}})
+        store.append({"event": "actor_started", "actor": 1, "versions": {"torch": "2.13.0", "ray": "2.60.0"}})
+        store.append({"event": "model_loaded", "model": "m", "seconds": 36.0, "actor": 1, "gpus": ["0"]})
+        for t in TRIALS:
+            if t["key"] in VALUES:
+                store.append({"event": "started", "key": t["key"], "attempt": 1, "actor": 1})
+                store.append({"event": "finished", "key": t["key"], "name": t["name"], "seconds": 360.0, "gpus": ["0"],
+                              "trial": {k: t[k] for k in ("model", "pruner", "sparsity", "calibration", "seed")},
+                              "metrics": metrics(VALUES[t["key"]])})
+        for attempt in (1, 2):
+            store.append({"event": "started", "key": "se0", "attempt": attempt, "actor": 1})
+            store.append({"event": "failed", "key": "se0", "name": "m.sparsegpt.en.0", "attempt": attempt,
+                          "final": attempt == 2, "error": "RuntimeError: boom", "seconds": 36.0, "gpus": ["0"]})
+        store.append({"event": "run_finished", "model_loads": 1})
+    StudyStore(root).compact({t["key"] for t in TRIALS})
+    return root
+
+
+def visible_text(page: str) -> str:
+    page = re.sub(r"<style>.*?</style>", " ", page, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
+
+
+def test_report_of_a_partial_study(study_dir, tmp_path):
+    page_path = build_report(study_dir, tmp_path / "report")
+    page = page_path.read_text(encoding="utf-8")
+    text = visible_text(page)
+    assert "partial: 3 of 5 trials finished, 1 failed, 1 not run yet" in text
+    assert ("m, wanda 0.5: calibrating in the target language gave the lowest bits per byte in 2 of 2 target "
+            "languages (mean rank 1.00 among 2 calibration languages)") in text
+    assert "m, wanda 0.5: calibrating in the target language gave the highest mean downstream accuracy in 2 of 2 target languages" in text
+    assert "m.sparsegpt.en.0 failed: RuntimeError: boom" in text and "m.wanda.en.1 not run yet" in text
+    assert "GPU hours in trials 0.320" in text  # 3 x 360 s + 2 x 36 s on one GPU
+    assert "model loads 1" in text and "abc123" in text and "worker set 1 ray 2.60.0" in text
+    assert "RuntimeError: boom 2" in text  # the error table: two attempts
+    # self-contained: every image embedded, nothing fetched
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+    assert page.count('src="data:image/png;base64,') == 4  # (bpb, mean accuracy) x (wanda, sparsegpt)
+    figures = sorted(p.name for p in (page_path.parent / "figures").iterdir())
+    assert figures == ["m-sparsegpt-0.5-average-acc.png", "m-sparsegpt-0.5-perplexity-bits-per-byte.png",
+                       "m-wanda-0.5-average-acc.png", "m-wanda-0.5-perplexity-bits-per-byte.png"]
+    matrix = pl.read_csv(page_path.parent / "tables" / "matrix-m-wanda-0.5-perplexity-bits-per-byte.csv")
+    assert matrix.rows() == [("en", 1.2, 2.6), ("de", 1.5, 2.2)]
+    failed = pl.read_csv(page_path.parent / "tables" / "matrix-m-sparsegpt-0.5-perplexity-bits-per-byte.csv")
+    assert failed.rows() == [("en", None, None)]  # missing, not dropped
+    seeds = pl.read_parquet(page_path.parent / "tables" / "seeds.parquet")
+    row = seeds.filter((pl.col("pruner") == "wanda") & (pl.col("calibration") == "en") & (pl.col("target") == "en")
+                       & (pl.col("metric") == "bits_per_byte")).row(0, named=True)
+    assert (row["mean"], row["seeds"], row["seeds_expected"]) == (1.2, 1, 2)
+
+
+def test_report_cli_and_a_study_with_nothing_finished(tmp_path, capsys):
+    root = tmp_path / "empty"
+    with StudyStore(root) as store:
+        store.write_plan({"study": "empty", "languages": ["en"], "trials": TRIALS[:2]})
+    assert main(["report", str(root), "--out", str(tmp_path / "r")]) == 0
+    text = visible_text((tmp_path / "r" / "index.html").read_text())
+    assert "partial: 0 of 2 trials finished" in text and "No finished pruned trials yet" in text
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2
+    assert "not a study directory" in capsys.readouterr().err
+
+
+# -- in a real browser -------------------------------------------------------------------------------
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def open_in_browser(page: Path, out: Path) -> tuple[list[str], list[str], Path]:
+    """Loads `page` in headless chromium with a network log; returns (URLs requested, console lines,
+    screenshot)."""
+    browser = chromium()
+    if browser is None:
+        pytest.skip("no chromium here (make test installs Debian's where it can: scripts/install_browser.sh)")
+    out.mkdir(parents=True, exist_ok=True)
+    shot, netlog = out / "shot.png", out / "netlog.json"
+    result = subprocess.run(
+        [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+         # the browser's own traffic (updates, network time), so that what is logged is the page's
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-features=NetworkTimeServiceQuerying,OptimizationHints,MediaRouter",
+         f"--user-data-dir={out / 'profile'}", "--window-size=1400,2400", "--virtual-time-budget=5000",
+         "--enable-logging=stderr", "--v=0", f"--log-net-log={netlog}", "--net-log-capture-mode=Everything",
+         f"--screenshot={shot}", page.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), result.stderr[-2000:]
+    urls = page_requests(json.loads(netlog.read_text(errors="replace")))
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line]
+    return urls, console, shot
+
+
+def page_requests(netlog: dict) -> list[str]:
+    """URLs the page asked for. The browser's own calls (updates, clock, accounts) carry the initiator
+    "not an origin" and are left out."""
+    names = {number: name for name, number in netlog["constants"]["logEventTypes"].items()}
+    return sorted({e["params"]["url"] for e in netlog["events"]
+                   if names.get(e["type"]) == "URL_REQUEST_START_JOB" and "url" in (e.get("params") or {})
+                   and e["params"].get("initiator") != "not an origin"})
+
+
+def colourful_share(png: Path) -> float:
+    from PIL import Image
+
+    import numpy as np
+
+    pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    return float(((pixels.max(axis=2) - pixels.min(axis=2)) > 80).mean())
+
+
+@pytest.mark.slow
+def test_report_in_a_headless_browser(study_dir, tmp_path):
+    page = build_report(study_dir, tmp_path / "report")
+    urls, console, shot = open_in_browser(page, tmp_path / "browser")
+    outside = [u for u in urls if not u.startswith(("file://", "data:"))]
+    assert not outside, outside
+    assert console == []
+    assert colourful_share(shot) > 0.02  # the heat maps are drawn
+
+    # the same checks do catch what they look for
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!doctype html><html><body><p>plain</p><script>console.error("x")</script>'
+                   '<img src="http://127.0.0.1:9/none.png"></body></html>')
+    urls, console, shot = open_in_browser(bad, tmp_path / "browser-bad")
+    assert any(u.startswith("http://127.0.0.1:9/") for u in urls) and console
+    assert colourful_share(shot) < 0.001
