@@ -3,9 +3,9 @@
 """
 from __future__ import annotations
 
+import html
 import json
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +29,6 @@ def run_demo(force_assets: bool = False, report_dir: Path = Path("reports/demo")
     from engine.demo.tasks import ensure_demo_tasks
     from sweep.run import EXIT_FAILED_TRIALS, RunOptions, run_study
 
-    started = time.perf_counter()
     apply_default_env()
     quiet_libraries()
     assets = ensure_demo_assets(force=force_assets)
@@ -51,12 +50,12 @@ def run_demo(force_assets: bool = False, report_dir: Path = Path("reports/demo")
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "assets.json").write_text(json.dumps(assets.metadata, indent=1, sort_keys=True, default=str) + "\n")
     study_dir = options.out or study.output_location
-    page = build_report(study_dir, report_dir, extra_sections=demo_sections(assets.metadata, time.perf_counter() - started))
+    page = build_report(study_dir, report_dir, extra_sections=demo_sections(assets.metadata))
     print(f"report: {page}")
     return outcome.code
 
 
-def demo_sections(meta: dict, seconds: float) -> list[str]:
+def demo_sections(meta: dict) -> list[str]:
     """The demo models and corpus, for the demo's report."""
     import polars as pl
 
@@ -82,5 +81,5 @@ def demo_sections(meta: dict, seconds: float) -> list[str]:
                      table_html(pl.DataFrame([[s.get("name"), s.get("version"), s.get("licence"),
                                                ", ".join(s.get("languages", []))] for s in sources],
                                              schema=["source", "version", "licence", "languages"], orient="row"))]
-    sections.append(f"<p class=note>`make demo` took {seconds:.0f} s, asset recipe {meta.get('recipe_hash', '')}.</p>")
+    sections.append(f"<p class=note>Demo asset recipe {html.escape(str(meta.get('recipe_hash', '')))}.</p>")
     return sections

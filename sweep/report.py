@@ -124,7 +124,9 @@ def findings(tables: StudyTables) -> list[str]:
             lines.append(f"{model}, {pruner} {sparsity}: calibrating in the target language gave the {best} "
                          f"{METRIC_NAMES.get(metric, metric)} in {wins} of {group.height} target languages "
                          f"(mean rank {group['rank'].mean():.2f} among {int(group['ranked'].max())} calibration languages)")
-    averages = tables.tasks.filter((pl.col("task") == "average") & ~pl.col("dense"))
+    accuracy = [m for t, m in main_metrics(tables) if t == "average"]
+    averages = tables.tasks.filter((pl.col("task") == "average") & ~pl.col("dense")
+                                   & pl.col("metric").is_in(accuracy))
     for model, pruner, sparsity in trial_groups(tables):
         group = averages.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)
                                 & (pl.col("sparsity") == sparsity) & pl.col("mean").is_not_null())

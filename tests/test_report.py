@@ -33,7 +33,10 @@ def metrics(values):
     return [{"language": "en", "task": "perplexity", "metric": "bits_per_byte", "value": bpb_en},
             {"language": "de", "task": "perplexity", "metric": "bits_per_byte", "value": bpb_de},
             {"language": "en", "task": "t_en", "metric": "acc", "value": acc_en},
-            {"language": "de", "task": "t_de", "metric": "acc", "value": acc_de}]
+            {"language": "de", "task": "t_de", "metric": "acc", "value": acc_de},
+            # a second accuracy metric, as lm-eval reports acc_norm beside acc: not counted twice
+            {"language": "en", "task": "t_en", "metric": "acc_norm", "value": acc_en},
+            {"language": "de", "task": "t_de", "metric": "acc_norm", "value": acc_de}]
 
 
 @pytest.fixture
