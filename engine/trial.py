@@ -6,6 +6,7 @@ weights are restored whatever happens, so the next trial starts from the same mo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from engine.analyze.collect import StatisticsCollector
 from engine.data.calibration import WindowRequest, calibration_set
 from engine.data.sources import TextSourceConfig, documents
 from engine.evaluate.suite import language_tokens, perplexity_of_tokens
@@ -84,6 +86,7 @@ class TrialConfig:
     calibration: CalibrationConfig | None = None
     artifacts_dir: Path | None = None
     save_masks: bool = False
+    collect_statistics: bool = False  # per-language neuron activity and hidden means (the LAPE and subspace analyses)
     device: str = "cpu"
     cache_dir: Path | None = None
 
@@ -131,7 +134,7 @@ def run_trial(config: TrialConfig, loaded: LoadedModel) -> dict:
     try:
         if config.pruning is not None:
             result["pruning"] = _prune(config, loaded, timings)
-        result["metrics"] = _evaluate(config, loaded, timings)
+        result["metrics"] = _evaluate(config, loaded, timings, result)
     finally:
         started = time.perf_counter()
         loaded.snapshot.restore()
@@ -175,15 +178,17 @@ def _prune(config: TrialConfig, loaded: LoadedModel, timings: dict) -> dict:
     return summary
 
 
-def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict) -> list[dict]:
+def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict, result: dict) -> list[dict]:
     ev = config.evaluation
     rows: list[dict] = []
     if ev.perplexity is not None:
         started = time.perf_counter()
+        collector = StatisticsCollector(loaded.model) if config.collect_statistics else None
         for lang in ev.languages:
             ids, n_bytes = loaded.evaluation_tokens(ev.perplexity, lang)
-            res = perplexity_of_tokens(loaded.model, loaded.tokenizer, ids, n_bytes, ev.perplexity.window,
-                                       ev.batch_size)
+            with collector.collect(lang) if collector else contextlib.nullcontext():
+                res = perplexity_of_tokens(loaded.model, loaded.tokenizer, ids, n_bytes, ev.perplexity.window,
+                                           ev.batch_size)
             if not (math.isfinite(res.bits_per_byte) and math.isfinite(res.token_perplexity)):
                 raise TrialFailed(f"non-finite perplexity in {lang} (NLL {res.nll}); not averaged in")
             for metric in ("bits_per_byte", "token_perplexity", "loss"):
@@ -191,6 +196,9 @@ def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict) -> list[d
                              "value": getattr(res, metric), "tokens": res.tokens, "bytes": res.bytes,
                              "window": res.window})
         timings["perplexity"] = time.perf_counter() - started
+        if collector is not None and config.artifacts_dir is not None:
+            path = collector.save(Path(config.artifacts_dir) / "statistics.safetensors", {"trial": config.key})
+            result["statistics_path"] = str(path)
     if ev.tasks:
         from engine.evaluate.tasks import TaskRequest, run_tasks
 

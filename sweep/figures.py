@@ -58,3 +58,101 @@ def heatmap_png(matrix: pl.DataFrame, title: str, lower_is_better: bool) -> byte
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def iou_png(overlap: pl.DataFrame, languages: list[str], title: str) -> bytes:
+    """Left: mean IoU (over layers and seeds) between the masks of each pair of calibration languages.
+    Right: IoU with the English-calibrated mask (or the first language's) per layer."""
+    import numpy as np
+
+    plt = _pyplot()
+    present = [l for l in languages if l in set(overlap["calibration_a"]) | set(overlap["calibration_b"])]
+    matrix = np.full((len(present), len(present)), np.nan)
+    means = overlap.group_by("calibration_a", "calibration_b").agg(pl.col("iou").mean())
+    for a, b, value in means.iter_rows():
+        i, j = present.index(a), present.index(b)
+        matrix[i, j] = matrix[j, i] = value
+    np.fill_diagonal(matrix, 1.0)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    image = left.imshow(matrix, cmap="viridis", vmin=np.nanmin(matrix), vmax=1.0)
+    left.set_xticks(range(len(present)), present)
+    left.set_yticks(range(len(present)), present)
+    for i in range(len(present)):
+        for j in range(len(present)):
+            left.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", fontsize=7, color="white")
+    left.set_title("mask IoU, all layers", fontsize=9)
+    fig.colorbar(image, ax=left, shrink=0.8)
+    anchor = "en" if "en" in present else (present[0] if present else None)
+    for other in present:
+        if other == anchor:
+            continue
+        pair = overlap.filter(((pl.col("calibration_a") == anchor) & (pl.col("calibration_b") == other))
+                              | ((pl.col("calibration_a") == other) & (pl.col("calibration_b") == anchor)))
+        per_layer = pair.group_by("layer").agg(pl.col("iou").mean()).sort("layer")
+        right.plot(per_layer["layer"], per_layer["iou"], marker="o", markersize=3, label=other)
+    from matplotlib.ticker import MaxNLocator
+
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.set_xlabel("layer")
+    right.set_ylabel(f"IoU with the {anchor}-calibrated mask")
+    right.legend(fontsize=7, ncol=2)
+    right.set_title("per layer", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def lape_png(hist: pl.DataFrame, title: str) -> bytes:
+    """LAPE histograms: the dense model against the pruned models of one pruner and sparsity (pooled
+    over calibration languages)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
+    for label, frame in (("dense", hist.filter(pl.col("pruner") == "dense")),
+                         ("pruned", hist.filter(pl.col("pruner") != "dense"))):
+        if frame.is_empty():
+            continue
+        bins = frame.group_by("bin_low", "bin_high").agg(pl.col("neurons").mean()).sort("bin_low")
+        total = float(bins["neurons"].sum()) or 1.0
+        ax.step(bins["bin_low"], bins["neurons"] / total, where="post", label=label)
+    ax.set_xlabel("LAPE (nats)")
+    ax.set_ylabel("share of active neurons")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def snr_png(snr: pl.DataFrame, title: str) -> bytes:
+    """Mean SNR per layer (over calibration x target pairs) in the language-specific and -agnostic subspace."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
+    finite = snr.with_columns(pl.col("snr_specific_db").replace([float("inf")], None),
+                              pl.col("snr_agnostic_db").replace([float("inf")], None))
+    per_layer = finite.group_by("layer").agg(pl.col("snr_specific_db").mean(), pl.col("snr_agnostic_db").mean()).sort("layer")
+    ax.plot(per_layer["layer"], per_layer["snr_specific_db"], marker="o", markersize=3, label="language-specific")
+    ax.plot(per_layer["layer"], per_layer["snr_agnostic_db"], marker="s", markersize=3, label="language-agnostic")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("SNR vs dense (dB)")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _png(fig)

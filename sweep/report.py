@@ -56,9 +56,88 @@ def build_report(study_dir: Path | str, out_dir: Path, extra_sections: list[str]
     for heatmap in heatmaps:
         (out_dir / "figures" / f"{heatmap.slug}.png").write_bytes(heatmap.png)
         heatmap.matrix.write_csv(out_dir / "tables" / f"matrix-{heatmap.slug}.csv")
-    page = render(plan, tables, stats, heatmaps, study_text, events, extra_sections or [])
+    finished = set(tables.tidy.filter(pl.col("finished"))["key"].unique().to_list())
+    analysis = analysis_sections(study_dir, plan, finished, tables, out_dir)
+    page = render(plan, tables, stats, heatmaps, study_text, events, analysis + (extra_sections or []))
     (out_dir / "index.html").write_text(page, encoding="utf-8")
     return out_dir / "index.html"
+
+
+def analysis_sections(study_dir, plan: dict, finished: set[str], tables: StudyTables, out_dir: Path) -> list[str]:
+    """The mask, neuron and subspace analyses the study switched on, as report sections (tables written
+    beside the report as analysis-*.csv / .parquet, figures as PNG)."""
+    from sweep.analyses import AnalysisSettings, run_analyses
+    from sweep.figures import iou_png, lape_png, snr_png
+
+    config = plan.get("analyses") or {}
+    on = {name: bool((config.get(name) or {}).get("enabled")) for name in ("masks", "lape", "subspace")}
+    if not any(on.values()):
+        return []
+    lape_config, subspace_config = config.get("lape") or {}, config.get("subspace") or {}
+    settings = AnalysisSettings(lape_quantile=lape_config.get("lape_quantile", 0.01),
+                                activation_quantile=lape_config.get("activation_quantile", 0.95),
+                                subspace_rank=subspace_config.get("rank"))
+    result = run_analyses(study_dir, plan, finished, settings, on["masks"], on["lape"], on["subspace"])
+    for name in ("mask_overlap", "neurons", "lape_hist", "snr"):
+        frame = getattr(result, name)
+        if frame.height:
+            frame.write_parquet(out_dir / "tables" / f"analysis-{name}.parquet")
+            frame.write_csv(out_dir / "tables" / f"analysis-{name}.csv")
+    sections: list[str] = []
+
+    def figure(png: bytes, slug: str, title: str) -> str:
+        (out_dir / "figures" / f"{slug}.png").write_bytes(png)
+        data = base64.b64encode(png).decode("ascii")
+        return (f"<figure><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{data}\">"
+                f"<figcaption>{html.escape(title)}</figcaption></figure>")
+
+    if on["masks"]:
+        sections += ["<h2>Pruning masks: overlap between calibration languages</h2>",
+                     "<p>IoU of the pruned positions of two masks (1: identical, 0: disjoint), over each layer's "
+                     "matrices; per matrix in <code>tables/analysis-mask_overlap.csv</code>.</p>"]
+        overlap = result.mask_overlap.filter(pl.col("matrix") == "all") if result.mask_overlap.height else result.mask_overlap
+        for model, pruner, sparsity in tables.groups:
+            group = overlap.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)
+                                   & (pl.col("sparsity") == sparsity)) if overlap.height else overlap
+            if group.height:
+                title = f"{model} / {pruner} {sparsity}: mask overlap"
+                sections.append(figure(iou_png(group, tables.languages, title),
+                                       _slug(model, pruner, sparsity, "mask-iou"), title))
+        if result.without_masks:
+            sections.append(f"<p class=note>No masks for {len(result.without_masks)} trial(s) (run with "
+                            f"analyses.masks off): {html.escape(', '.join(result.without_masks[:10]))}</p>")
+    if on["lape"] and result.neurons.height:
+        sections += ["<h2>Language-specific neurons (LAPE)</h2>",
+                     f"<p>A neuron is language-specific when its LAPE is in the lowest {settings.lape_quantile:g} "
+                     f"quantile and its activation probability reaches the dense model's "
+                     f"{settings.activation_quantile:g} quantile in some language. Against the dense model's "
+                     "language-specific neurons: how many survive pruning, vanish and appear.</p>",
+                     table_html(result.neurons.select("name", "dense", "pruned", "survive", "vanish", "appear",
+                                                      "mean_lape", "active_neurons"), limit=300)]
+        for model, pruner, sparsity in tables.groups:
+            hist = result.lape_hist.filter((pl.col("model") == model) & ((pl.col("pruner") == "dense") | (
+                (pl.col("pruner") == pruner) & (pl.col("sparsity") == sparsity))))
+            if hist.filter(pl.col("pruner") != "dense").height:
+                title = f"{model} / {pruner} {sparsity}: LAPE, dense vs pruned"
+                sections.append(figure(lape_png(hist, title), _slug(model, pruner, sparsity, "lape"), title))
+    if on["subspace"] and result.snr.height:
+        sections += ["<h2>Latent subspaces: language-specific vs language-agnostic</h2>",
+                     "<p>SNR (dB) of each pruned model's per-language mean hidden state against the dense one, "
+                     "in the subspace spanned by the dense model's centred language means and in its complement; "
+                     "higher keeps more. Mean over calibration x target pairs per layer; per pair in "
+                     "<code>tables/analysis-snr.csv</code>. Identical representations are +inf and left out of "
+                     "means.</p>"]
+        for model, pruner, sparsity in tables.groups:
+            group = result.snr.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)
+                                      & (pl.col("sparsity") == sparsity))
+            if group.height:
+                title = f"{model} / {pruner} {sparsity}: SNR per layer"
+                sections.append(figure(snr_png(group, title), _slug(model, pruner, sparsity, "snr"), title))
+    if (on["lape"] or on["subspace"]) and result.without_statistics:
+        sections.append(f"<p class=note>No neuron or hidden-state statistics for {len(result.without_statistics)} "
+                        f"trial(s) (run with analyses.lape and analyses.subspace off): "
+                        f"{html.escape(', '.join(result.without_statistics[:10]))}</p>")
+    return sections
 
 
 def _latest_study_text(store: StudyStore, events: list[dict]) -> str:

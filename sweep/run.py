@@ -70,6 +70,7 @@ def plan_record(plan: Plan) -> dict:
     return {"study": plan.study.name, "written": time.time(), "languages": list(spec.evaluation.languages),
             "calibration_languages": [m.canonical() for m in plan.study.calibration_mixes],
             "gpus": {m.label: m.gpus for m in spec.models},
+            "analyses": spec.analyses.model_dump(mode="json"),
             "trials": [{"key": t.key, "name": t.name, **trial_fields(t)} for t in plan.trials]}
 
 
@@ -208,7 +209,8 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
         if kind == "finished":
             result = event.pop("result") or {}
             event.update(trial=trial_fields(trial), spec=trial.payload(), metrics=result.get("metrics", []),
-                         pruning=result.get("pruning"), timings=result.get("timings"), git=revision)
+                         pruning=result.get("pruning"), statistics=result.get("statistics_path"),
+                         timings=result.get("timings"), git=revision)
             durations.append(event.get("seconds") or 0.0)
             counts["finished"] += 1
             progress.log(f"  done    {event['name']}  ({event['seconds']:.1f} s, actor #{event['actor']}, attempt {event['attempt']})")

@@ -50,9 +50,10 @@ def trial_config(study: Study, trial: TrialSpec, artifacts_dir: Path | None = No
                  cache_dir: Path | None = None, evaluation: EvaluationConfig | None = None) -> TrialConfig:
     spec = study.spec
     evaluation = evaluation or evaluation_config(study)
+    collect = spec.analyses.lape.enabled or spec.analyses.subspace.enabled
     if trial.is_dense:
         return TrialConfig(key=trial.key, name=trial.name, evaluation=evaluation, artifacts_dir=artifacts_dir,
-                           device=device, cache_dir=cache_dir)
+                           collect_statistics=collect, device=device, cache_dir=cache_dir)
     pruner = next(p for p in spec.pruners if p.label == trial.pruner_label)
     pruning = PruningConfig(method=pruner.method, sparsity=trial.sparsity.canonical(), params=dict(pruner.params),
                             targets=tuple(pruner.targets) if pruner.targets else None)
@@ -68,4 +69,4 @@ def trial_config(study: Study, trial: TrialSpec, artifacts_dir: Path | None = No
                                         seq_len=cal.seq_len, seed=trial.seed, source_fingerprint=fingerprint)
     return TrialConfig(key=trial.key, name=trial.name, evaluation=evaluation, pruning=pruning, calibration=calibration,
                        artifacts_dir=artifacts_dir, save_masks=spec.analyses.masks.enabled and spec.analyses.masks.save_masks,
-                       device=device, cache_dir=cache_dir)
+                       collect_statistics=collect, device=device, cache_dir=cache_dir)

@@ -1,0 +1,192 @@
+"""The three analyses across a study's trials (definitions in docs/analyses.md), from the artifacts each
+trial left in the study directory: bit-packed masks (masks.safetensors) and per-language statistics
+(statistics.safetensors). Trials without them (analyses off when they ran) are listed, not guessed.
+
+Tables:
+- mask_overlap:  (model, pruner, sparsity, seed, calibration a, calibration b, layer) -> IoU of the pruned
+                 positions, per layer over all its matrices (matrix "all") and per matrix
+- neurons:       per trial -> language-specific neurons of the dense model that survive, vanish, appear;
+                 mean LAPE; and per language the specific neurons it owns
+- lape_hist:     per trial (dense included) -> histogram of LAPE over the active neurons
+- snr:           (pruned trial, target language, layer) -> SNR in dB of the pruned hidden-state mean
+                 against the dense one in the language-specific and the language-agnostic subspace
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from engine.analyze.collect import load_statistics
+from engine.analyze.metrics import (activation_probability, iou, language_specific, language_subspace, lape,
+                                    neuron_changes, packed_iou, subspace_snr)
+from sweep.store import StudyStore
+
+LAYER = re.compile(r"(?:^|\.)(\d+)\.(.+)$")
+LAPE_BINS = 24
+
+
+@dataclass
+class AnalysisSettings:
+    lape_quantile: float = 0.01
+    activation_quantile: float = 0.95
+    subspace_rank: int | None = None
+
+
+@dataclass
+class AnalysisTables:
+    mask_overlap: pl.DataFrame
+    neurons: pl.DataFrame
+    lape_hist: pl.DataFrame
+    snr: pl.DataFrame
+    without_masks: list[str] = field(default_factory=list)  # trial names
+    without_statistics: list[str] = field(default_factory=list)
+
+
+class _Artifacts:
+    """Reads a trial's artifact from a local or remote study directory (remote ones via a temp copy)."""
+
+    def __init__(self, store: StudyStore):
+        self.store = store
+        self._temp = tempfile.TemporaryDirectory(prefix="sweep-analysis-")
+
+    def path(self, key: str, name: str) -> Path | None:
+        rel = f"artifacts/{key}/{name}"
+        if self.store.is_local:
+            path = self.store.location.local_path(rel)
+            return path if path.is_file() else None
+        data = self.store.location.read_bytes(rel)
+        if data is None:
+            return None
+        path = Path(self._temp.name) / key / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+
+def _packed_masks(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+def mask_overlap(trials: list[dict], artifacts: _Artifacts, languages: list[str]) -> tuple[pl.DataFrame, list[str]]:
+    rows, missing = [], []
+    single = [t for t in trials if not t["dense"] and t.get("calibration") in languages]
+    groups: dict[tuple, list[dict]] = {}
+    for t in single:
+        groups.setdefault((t["model"], t["pruner"], t["sparsity"], t["seed"]), []).append(t)
+    for (model, pruner, sparsity, seed), members in groups.items():
+        masks = {}
+        for t in members:
+            path = artifacts.path(t["key"], "masks.safetensors")
+            if path is None:
+                missing.append(t["name"])
+            else:
+                masks[t["calibration"]] = _packed_masks(path)
+        ordered = sorted(masks, key=languages.index)
+        for a, b in itertools.combinations(ordered, 2):
+            per_layer: dict[int, list[int]] = {}
+            for name in sorted(set(masks[a]) & set(masks[b])):
+                inter, union = packed_iou(masks[a][name], masks[b][name])
+                match = LAYER.search(name)
+                layer, matrix = (int(match.group(1)), match.group(2)) if match else (-1, name)
+                rows.append((model, pruner, sparsity, seed, a, b, layer, matrix, inter, union, iou(inter, union)))
+                total = per_layer.setdefault(layer, [0, 0])
+                total[0] += inter
+                total[1] += union
+            for layer, (inter, union) in sorted(per_layer.items()):
+                rows.append((model, pruner, sparsity, seed, a, b, layer, "all", inter, union, iou(inter, union)))
+    schema = {"model": pl.String, "pruner": pl.String, "sparsity": pl.String, "seed": pl.Int64,
+              "calibration_a": pl.String, "calibration_b": pl.String, "layer": pl.Int64, "matrix": pl.String,
+              "intersection": pl.Int64, "union": pl.Int64, "iou": pl.Float64}
+    return pl.DataFrame(rows, schema=schema, orient="row"), missing
+
+
+def _statistics(trials: list[dict], artifacts: _Artifacts) -> tuple[dict[str, tuple[list[str], dict]], list[str]]:
+    found, missing = {}, []
+    for t in trials:
+        path = artifacts.path(t["key"], "statistics.safetensors")
+        if path is None:
+            missing.append(t["name"])
+        else:
+            found[t["key"]] = load_statistics(path)
+    return found, missing
+
+
+def neuron_tables(trials: list[dict], stats: dict, settings: AnalysisSettings) -> tuple[pl.DataFrame, pl.DataFrame]:
+    neuron_rows, hist_rows = [], []
+    dense_by_model = {t["model"]: t for t in trials if t["dense"] and t["key"] in stats}
+    for model, dense_trial in dense_by_model.items():
+        languages, dense = stats[dense_trial["key"]]
+        p_dense = activation_probability(dense["active"], dense["tokens"])
+        threshold = float(torch.quantile(p_dense.flatten().float()[:16_000_000], settings.activation_quantile))
+        lape_dense = lape(p_dense)
+        specific_dense = language_specific(p_dense, lape_dense, settings.lape_quantile, threshold)
+        top = math.log(len(languages))
+        edges = torch.linspace(0, top, LAPE_BINS + 1, dtype=torch.float64)
+        for t in [dense_trial, *[t for t in trials if t["model"] == model and not t["dense"] and t["key"] in stats]]:
+            t_languages, values = stats[t["key"]]
+            if t_languages != languages:
+                continue  # measured on other target languages: not comparable
+            p = activation_probability(values["active"], values["tokens"])
+            entropy = lape(p)
+            specific = language_specific(p, entropy, settings.lape_quantile, threshold)
+            change = neuron_changes(specific_dense, specific)
+            owners = (p >= threshold) & specific.unsqueeze(0)
+            finite = entropy[~entropy.isnan()]
+            neuron_rows.append({**_fields(t), **change, "threshold": threshold,
+                                "mean_lape": float(finite.mean()) if finite.numel() else None,
+                                "active_neurons": int(finite.numel()),
+                                **{f"specific_{lang}": int(owners[i].sum()) for i, lang in enumerate(languages)}})
+            counts = torch.histc(finite.clamp(0, top), bins=LAPE_BINS, min=0, max=top) if finite.numel() else \
+                torch.zeros(LAPE_BINS)
+            for b in range(LAPE_BINS):
+                hist_rows.append({**_fields(t), "bin_low": float(edges[b]), "bin_high": float(edges[b + 1]),
+                                  "neurons": int(counts[b])})
+    return pl.DataFrame(neuron_rows), pl.DataFrame(hist_rows)
+
+
+def snr_table(trials: list[dict], stats: dict, settings: AnalysisSettings) -> pl.DataFrame:
+    rows = []
+    dense_by_model = {t["model"]: t for t in trials if t["dense"] and t["key"] in stats}
+    for model, dense_trial in dense_by_model.items():
+        languages, dense = stats[dense_trial["key"]]
+        means = dense["hidden_mean"]  # [languages, layers, hidden]
+        bases = [language_subspace(means[:, layer], settings.subspace_rank) for layer in range(means.shape[1])]
+        for t in trials:
+            if t["model"] != model or t["dense"] or t["key"] not in stats or stats[t["key"]][0] != languages:
+                continue
+            pruned = stats[t["key"]][1]["hidden_mean"]
+            for i, target in enumerate(languages):
+                for layer, basis in enumerate(bases):
+                    specific, agnostic = subspace_snr(means[i, layer], pruned[i, layer], basis)
+                    rows.append({**_fields(t), "target": target, "layer": layer, "snr_specific_db": specific,
+                                 "snr_agnostic_db": agnostic, "rank": basis.shape[1]})
+    return pl.DataFrame(rows)
+
+
+def _fields(t: dict) -> dict:
+    return {"key": t["key"], "name": t["name"], "model": t["model"], "pruner": t["pruner"], "sparsity": t["sparsity"],
+            "calibration": t.get("calibration") or "", "seed": t.get("seed")}
+
+
+def run_analyses(study_dir: Path | str, plan: dict, finished: set[str], settings: AnalysisSettings,
+                 masks: bool, neurons: bool, subspace: bool) -> AnalysisTables:
+    store = StudyStore(study_dir)
+    artifacts = _Artifacts(store)
+    languages = plan.get("languages") or []
+    trials = [t for t in plan["trials"] if t["key"] in finished]
+    overlap, no_masks = mask_overlap(trials, artifacts, languages) if masks else (pl.DataFrame(), [])
+    stats, no_stats = _statistics(trials, artifacts) if (neurons or subspace) else ({}, [])
+    neuron_df, hist_df = neuron_tables(trials, stats, settings) if neurons else (pl.DataFrame(), pl.DataFrame())
+    snr_df = snr_table(trials, stats, settings) if subspace else pl.DataFrame()
+    return AnalysisTables(overlap, neuron_df, hist_df, snr_df, no_masks, no_stats)

@@ -1,0 +1,101 @@
+"""The analyses' metrics against hand-computed values, and the statistics collector on a small model."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.analyze.metrics import (activation_probability, iou, language_specific, language_subspace, lape,
+                                    neuron_changes, packed_iou, subspace_snr)
+
+
+def packed(bits):
+    return np.packbits(np.array(bits, dtype=bool))
+
+
+def test_mask_iou_identical_disjoint_partial_and_empty():
+    a = packed([1, 1, 0, 0, 1, 0, 0, 0, 1])
+    assert iou(*packed_iou(a, a)) == 1.0
+    assert iou(*packed_iou(packed([1, 1, 0, 0]), packed([0, 0, 1, 1]))) == 0.0
+    assert packed_iou(packed([1, 1, 1, 0]), packed([0, 1, 1, 1])) == (2, 4)  # IoU 0.5
+    assert iou(*packed_iou(packed([0, 0, 0]), packed([0, 0, 0]))) == 1.0
+
+
+def test_lape_of_one_language_uniform_and_silent_neurons():
+    # 3 languages x 1 layer x 4 neurons
+    probability = torch.tensor([[[0.9, 0.3, 0.0, 0.5]], [[0.0, 0.3, 0.0, 0.25]], [[0.0, 0.3, 0.0, 0.25]]])
+    entropy = lape(probability)[0]
+    assert entropy[0] == 0.0  # active in one language only: the minimum
+    assert entropy[1] == pytest.approx(math.log(3))  # equally active everywhere: the maximum
+    assert math.isnan(entropy[2])  # never active: no LAPE
+    assert entropy[3] == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+
+
+def test_activation_probability_and_language_specific_neurons():
+    active = torch.tensor([[[90, 30, 2, 50]], [[0, 30, 2, 0]]])
+    tokens = torch.tensor([100, 100])
+    p = activation_probability(active, tokens)
+    assert p[0, 0].tolist() == pytest.approx([0.9, 0.3, 0.02, 0.5])
+    entropy = lape(p)
+    specific = language_specific(p, entropy, lape_quantile=0.5, activation_threshold=0.4)
+    # neurons 0 and 3 are one-language (LAPE 0) and reach 0.4; neuron 1 is shared; neuron 2 is shared and weak
+    assert specific[0].tolist() == [True, False, False, True]
+    changes = neuron_changes(specific, torch.tensor([[True, True, False, False]]))
+    assert changes == {"dense": 2, "pruned": 2, "survive": 1, "vanish": 1, "appear": 1}
+
+
+def test_language_subspace_spans_the_centred_means():
+    means = torch.tensor([[1.0, 5.0, 0.0], [3.0, 5.0, 0.0], [2.0, 5.0, 0.0]])  # differ along e1 only
+    basis = language_subspace(means)
+    assert basis.shape == (3, 1)  # rank 1: the centred means span one direction
+    assert abs(float(basis[0, 0])) == pytest.approx(1.0)
+    random = torch.randn(7, 16, generator=torch.Generator().manual_seed(0))
+    basis = language_subspace(random)
+    assert basis.shape == (16, 6) and torch.allclose(basis.T @ basis, torch.eye(6, dtype=basis.dtype), atol=1e-10)
+
+
+def test_snr_in_both_subspaces():
+    basis = torch.tensor([[1.0], [0.0], [0.0]])  # specific: e1; agnostic: e2, e3
+    dense = torch.tensor([2.0, 3.0, 4.0])
+    same = subspace_snr(dense, dense.clone(), basis)
+    assert same == (math.inf, math.inf)  # a pruned model equal to the dense one: unbounded, not an error
+    specific, agnostic = subspace_snr(dense, torch.tensor([2.2, 3.0, 4.0]), basis)
+    assert specific == pytest.approx(10 * math.log10(4.0 / 0.04)) and agnostic == math.inf
+    specific, agnostic = subspace_snr(dense, torch.tensor([2.0, 3.5, 4.0]), basis)
+    assert specific == math.inf and agnostic == pytest.approx(10 * math.log10(25.0 / 0.25))
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_collector_counts_real_tokens_and_ignores_padding(tmp_path):
+    from engine.analyze.collect import StatisticsCollector, load_statistics
+
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(1))
+    padded = torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 10, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    plain, with_padding = StatisticsCollector(model), StatisticsCollector(model)
+    with torch.no_grad():
+        with plain.collect("en"):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+        with with_padding.collect("en"):
+            model(input_ids=padded, attention_mask=mask)
+    a, b = plain.languages["en"], with_padding.languages["en"]
+    assert a.tokens == b.tokens == 10
+    assert torch.equal(a.active, b.active) and int(a.active.max()) <= 10 and a.active.shape == (2, 24)
+    assert torch.allclose(a.hidden_sum, b.hidden_sum, atol=1e-4)
+    # layer 0's output is hidden_states[1]; its mean over the 10 tokens
+    assert torch.allclose(a.hidden_sum[0] / 10, out.hidden_states[1][0].double().mean(dim=0), atol=1e-5)
+    path = plain.save(tmp_path / "statistics.safetensors")
+    languages, tensors = load_statistics(path)
+    assert languages == ["en"] and tensors["active"].shape == (1, 2, 24) and tensors["tokens"].tolist() == [10]
+    assert torch.allclose(tensors["hidden_mean"][0, 0].double(), a.hidden_sum[0] / 10, atol=1e-5)
