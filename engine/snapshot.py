@@ -25,6 +25,10 @@ class DenseSnapshot:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    def weight(self, module_name: str) -> torch.Tensor:
+        """The dense weight of a linear layer inside the decoder blocks, by its module name (on CPU)."""
+        return self._copies[f"{module_name}.weight"]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._copies.values())

@@ -85,8 +85,10 @@ class TrialConfig:
     pruning: PruningConfig | None = None  # None: the dense baseline
     calibration: CalibrationConfig | None = None
     artifacts_dir: Path | None = None
-    save_masks: bool = False
+    save_masks: bool = False  # full bit-packed masks (masks.safetensors)
+    mask_sample: int | None = None  # or each mask at this many fixed positions (mask_sample.safetensors)
     collect_statistics: bool = False  # per-language neuron activity and hidden means (the LAPE and subspace analyses)
+    layer_error_tokens: int | None = None  # pruned trials: each linear's output error on this many tokens per language
     device: str = "cpu"
     cache_dir: Path | None = None
 
@@ -159,7 +161,7 @@ def _prune(config: TrialConfig, loaded: LoadedModel, timings: dict) -> dict:
     started = time.perf_counter()
     report = prune_sequentially(loaded.model, pruner, parse_sparsity(pruning.sparsity), calibration,
                                 targets=list(pruning.targets) if pruning.targets else None, device=config.device,
-                                keep_masks=config.save_masks)
+                                keep_masks=config.save_masks, mask_sample=config.mask_sample)
     timings["pruning"] = time.perf_counter() - started
     summary = {
         "method": report.method,
@@ -175,6 +177,11 @@ def _prune(config: TrialConfig, loaded: LoadedModel, timings: dict) -> dict:
         path = Path(config.artifacts_dir) / "masks.safetensors"
         save_masks(path, report.masks, {"trial": config.key, "method": report.method, "sparsity": report.sparsity})
         summary["masks_path"] = str(path)
+    if config.mask_sample and config.artifacts_dir is not None:
+        path = Path(config.artifacts_dir) / "mask_sample.safetensors"
+        save_masks(path, report.mask_samples, {"trial": config.key, "method": report.method,
+                                               "sparsity": report.sparsity, "sample": str(config.mask_sample)})
+        summary["mask_sample_path"] = str(path)
     return summary
 
 
@@ -183,7 +190,12 @@ def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict, result: d
     rows: list[dict] = []
     if ev.perplexity is not None:
         started = time.perf_counter()
-        collector = StatisticsCollector(loaded.model) if config.collect_statistics else None
+        errors = config.layer_error_tokens if config.pruning is not None else None
+        collector = None
+        if config.collect_statistics or errors:
+            collector = StatisticsCollector(loaded.model, neurons=config.collect_statistics,
+                                            dense_weight=loaded.snapshot.weight if errors else None,
+                                            error_tokens=errors or 0)
         for lang in ev.languages:
             ids, n_bytes = loaded.evaluation_tokens(ev.perplexity, lang)
             with collector.collect(lang) if collector else contextlib.nullcontext():

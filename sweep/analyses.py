@@ -8,6 +8,8 @@ Tables:
 - neurons:       per trial -> language-specific neurons of the dense model that survive, vanish, appear;
                  mean LAPE; and per language the specific neurons it owns
 - lape_hist:     per trial (dense included) -> histogram of LAPE over the active neurons
+- layer_error:   (pruned trial, target language, layer, matrix) -> ||WX - W'X||^2 / ||WX||^2 on the
+                 first held-out tokens of the target language
 - snr:           (pruned trial, target language, layer) -> SNR in dB of the pruned hidden-state mean
                  against the dense one in the language-specific and the language-agnostic subspace
 """
@@ -46,6 +48,7 @@ class AnalysisTables:
     neurons: pl.DataFrame
     lape_hist: pl.DataFrame
     snr: pl.DataFrame
+    layer_error: pl.DataFrame = field(default_factory=pl.DataFrame)
     without_masks: list[str] = field(default_factory=list)  # trial names
     without_statistics: list[str] = field(default_factory=list)
 
@@ -86,14 +89,19 @@ def mask_overlap(trials: list[dict], artifacts: _Artifacts, languages: list[str]
         groups.setdefault((t["model"], t["pruner"], t["sparsity"], t["seed"]), []).append(t)
     for (model, pruner, sparsity, seed), members in groups.items():
         masks = {}
+        kinds = {}
         for t in members:
-            path = artifacts.path(t["key"], "masks.safetensors")
-            if path is None:
-                missing.append(t["name"])
+            for name, kind in (("masks.safetensors", "full"), ("mask_sample.safetensors", "sampled")):
+                path = artifacts.path(t["key"], name)
+                if path is not None:
+                    masks[t["calibration"]], kinds[t["calibration"]] = _packed_masks(path), kind
+                    break
             else:
-                masks[t["calibration"]] = _packed_masks(path)
+                missing.append(t["name"])
         ordered = sorted(masks, key=languages.index)
         for a, b in itertools.combinations(ordered, 2):
+            if kinds[a] != kinds[b]:
+                continue  # a full mask and a sample of another: not comparable bit for bit
             per_layer: dict[int, list[int]] = {}
             for name in sorted(set(masks[a]) & set(masks[b])):
                 inter, union = packed_iou(masks[a][name], masks[b][name])
@@ -124,7 +132,7 @@ def _statistics(trials: list[dict], artifacts: _Artifacts) -> tuple[dict[str, tu
 
 def neuron_tables(trials: list[dict], stats: dict, settings: AnalysisSettings) -> tuple[pl.DataFrame, pl.DataFrame]:
     neuron_rows, hist_rows = [], []
-    dense_by_model = {t["model"]: t for t in trials if t["dense"] and t["key"] in stats}
+    dense_by_model = {t["model"]: t for t in trials if t["dense"] and "active" in stats.get(t["key"], (0, {}))[1]}
     for model, dense_trial in dense_by_model.items():
         languages, dense = stats[dense_trial["key"]]
         p_dense = activation_probability(dense["active"], dense["tokens"])
@@ -135,7 +143,7 @@ def neuron_tables(trials: list[dict], stats: dict, settings: AnalysisSettings) -
         edges = torch.linspace(0, top, LAPE_BINS + 1, dtype=torch.float64)
         for t in [dense_trial, *[t for t in trials if t["model"] == model and not t["dense"] and t["key"] in stats]]:
             t_languages, values = stats[t["key"]]
-            if t_languages != languages:
+            if t_languages != languages or "active" not in values:
                 continue  # measured on other target languages: not comparable
             p = activation_probability(values["active"], values["tokens"])
             entropy = lape(p)
@@ -152,18 +160,19 @@ def neuron_tables(trials: list[dict], stats: dict, settings: AnalysisSettings) -
             for b in range(LAPE_BINS):
                 hist_rows.append({**_fields(t), "bin_low": float(edges[b]), "bin_high": float(edges[b + 1]),
                                   "neurons": int(counts[b])})
-    return pl.DataFrame(neuron_rows), pl.DataFrame(hist_rows)
+    return pl.DataFrame(neuron_rows, infer_schema_length=None), pl.DataFrame(hist_rows, infer_schema_length=None)
 
 
 def snr_table(trials: list[dict], stats: dict, settings: AnalysisSettings) -> pl.DataFrame:
     rows = []
-    dense_by_model = {t["model"]: t for t in trials if t["dense"] and t["key"] in stats}
+    dense_by_model = {t["model"]: t for t in trials if t["dense"] and "hidden_mean" in stats.get(t["key"], (0, {}))[1]}
     for model, dense_trial in dense_by_model.items():
         languages, dense = stats[dense_trial["key"]]
         means = dense["hidden_mean"]  # [languages, layers, hidden]
         bases = [language_subspace(means[:, layer], settings.subspace_rank) for layer in range(means.shape[1])]
         for t in trials:
-            if t["model"] != model or t["dense"] or t["key"] not in stats or stats[t["key"]][0] != languages:
+            if (t["model"] != model or t["dense"] or t["key"] not in stats or stats[t["key"]][0] != languages
+                    or "hidden_mean" not in stats[t["key"]][1]):
                 continue
             pruned = stats[t["key"]][1]["hidden_mean"]
             for i, target in enumerate(languages):
@@ -171,7 +180,24 @@ def snr_table(trials: list[dict], stats: dict, settings: AnalysisSettings) -> pl
                     specific, agnostic = subspace_snr(means[i, layer], pruned[i, layer], basis)
                     rows.append({**_fields(t), "target": target, "layer": layer, "snr_specific_db": specific,
                                  "snr_agnostic_db": agnostic, "rank": basis.shape[1]})
-    return pl.DataFrame(rows)
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def layer_error_table(trials: list[dict], stats: dict) -> pl.DataFrame:
+    rows = []
+    for t in trials:
+        if t["dense"] or t["key"] not in stats or "layer_error" not in stats[t["key"]][1]:
+            continue
+        languages, values = stats[t["key"]]
+        errors = values["layer_error"]
+        for i, target in enumerate(languages):
+            for j, name in enumerate(values["linear_layers"]):
+                error, reference = float(errors[i, j, 0]), float(errors[i, j, 1])
+                match = LAYER.search(name)
+                rows.append({**_fields(t), "target": target, "layer": int(match.group(1)) if match else -1,
+                             "matrix": match.group(2) if match else name,
+                             "relative_error": error / reference if reference > 0 else None})
+    return pl.DataFrame(rows, infer_schema_length=None)
 
 
 def _fields(t: dict) -> dict:
@@ -186,7 +212,8 @@ def run_analyses(study_dir: Path | str, plan: dict, finished: set[str], settings
     languages = plan.get("languages") or []
     trials = [t for t in plan["trials"] if t["key"] in finished]
     overlap, no_masks = mask_overlap(trials, artifacts, languages) if masks else (pl.DataFrame(), [])
-    stats, no_stats = _statistics(trials, artifacts) if (neurons or subspace) else ({}, [])
+    stats, no_stats = _statistics(trials, artifacts) if (neurons or subspace or masks) else ({}, [])
     neuron_df, hist_df = neuron_tables(trials, stats, settings) if neurons else (pl.DataFrame(), pl.DataFrame())
     snr_df = snr_table(trials, stats, settings) if subspace else pl.DataFrame()
-    return AnalysisTables(overlap, neuron_df, hist_df, snr_df, no_masks, no_stats)
+    errors = layer_error_table(trials, stats) if masks else pl.DataFrame()
+    return AnalysisTables(overlap, neuron_df, hist_df, snr_df, errors, no_masks, no_stats)

@@ -78,7 +78,7 @@ def analysis_sections(study_dir, plan: dict, finished: set[str], tables: StudyTa
                                 activation_quantile=lape_config.get("activation_quantile", 0.95),
                                 subspace_rank=subspace_config.get("rank"))
     result = run_analyses(study_dir, plan, finished, settings, on["masks"], on["lape"], on["subspace"])
-    for name in ("mask_overlap", "neurons", "lape_hist", "snr"):
+    for name in ("mask_overlap", "neurons", "lape_hist", "snr", "layer_error"):
         frame = getattr(result, name)
         if frame.height:
             frame.write_parquet(out_dir / "tables" / f"analysis-{name}.parquet")
@@ -103,6 +103,21 @@ def analysis_sections(study_dir, plan: dict, finished: set[str], tables: StudyTa
                 title = f"{model} / {pruner} {sparsity}: mask overlap"
                 sections.append(figure(iou_png(group, tables.languages, title),
                                        _slug(model, pruner, sparsity, "mask-iou"), title))
+        if result.layer_error.height:
+            sections += ["<h3>Layer-wise pruning error on held-out text</h3>",
+                         "<p>||WX - W'X||^2 / ||WX||^2 of each linear layer on the first held-out tokens of each "
+                         "target language, averaged over layers and matrices (lower keeps more); per layer and "
+                         "matrix in <code>tables/analysis-layer_error.csv</code>.</p>"]
+            mean_error = (result.layer_error.group_by("model", "pruner", "sparsity", "calibration", "target")
+                          .agg(pl.col("relative_error").mean().alias("mean"))
+                          .with_columns(pl.lit("layer error").alias("task"), pl.lit("relative_error").alias("metric")))
+            for model, pruner, sparsity in tables.groups:
+                matrix = calibration_matrix(mean_error.lazy(), model, pruner, sparsity, "layer error",
+                                            "relative_error", tables.languages)
+                if matrix.height:
+                    title = f"{model} / {pruner} {sparsity}: mean layer-wise pruning error"
+                    sections.append(figure(heatmap_png(matrix, title, True),
+                                           _slug(model, pruner, sparsity, "layer-error"), title))
         if result.without_masks:
             sections.append(f"<p class=note>No masks for {len(result.without_masks)} trial(s) (run with "
                             f"analyses.masks off): {html.escape(', '.join(result.without_masks[:10]))}</p>")

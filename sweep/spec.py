@@ -138,7 +138,13 @@ class SubspaceSpec(Strict):
 
 class MaskAnalysisSpec(Strict):
     enabled: StrictBool = True
-    save_masks: StrictBool = True
+    save_masks: StrictBool = Field(
+        False, description="keep full bit-packed masks (1 bit per weight: 0.9 GB per trial for an 8B model); "
+                           "otherwise each mask is kept at sample_bits fixed positions per matrix")
+    sample_bits: StrictInt = Field(2**20, gt=0, le=2**30, description="positions sampled per matrix")
+    error_tokens: StrictInt = Field(
+        4096, ge=0, le=1_048_576,
+        description="held-out tokens per target language on which each layer's pruning error is measured (0: off)")
 
 
 class AnalysesSpec(Strict):

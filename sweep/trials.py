@@ -51,9 +51,11 @@ def trial_config(study: Study, trial: TrialSpec, artifacts_dir: Path | None = No
     spec = study.spec
     evaluation = evaluation or evaluation_config(study)
     collect = spec.analyses.lape.enabled or spec.analyses.subspace.enabled
+    masks = spec.analyses.masks
     if trial.is_dense:
         return TrialConfig(key=trial.key, name=trial.name, evaluation=evaluation, artifacts_dir=artifacts_dir,
-                           collect_statistics=collect, device=device, cache_dir=cache_dir)
+                           collect_statistics=collect, device=device, cache_dir=cache_dir,
+                       layer_error_tokens=masks.error_tokens if masks.enabled and masks.error_tokens else None)
     pruner = next(p for p in spec.pruners if p.label == trial.pruner_label)
     pruning = PruningConfig(method=pruner.method, sparsity=trial.sparsity.canonical(), params=dict(pruner.params),
                             targets=tuple(pruner.targets) if pruner.targets else None)
@@ -68,5 +70,7 @@ def trial_config(study: Study, trial: TrialSpec, artifacts_dir: Path | None = No
         calibration = CalibrationConfig(source=source, weights=trial.calibration.weights, samples=cal.samples,
                                         seq_len=cal.seq_len, seed=trial.seed, source_fingerprint=fingerprint)
     return TrialConfig(key=trial.key, name=trial.name, evaluation=evaluation, pruning=pruning, calibration=calibration,
-                       artifacts_dir=artifacts_dir, save_masks=spec.analyses.masks.enabled and spec.analyses.masks.save_masks,
-                       collect_statistics=collect, device=device, cache_dir=cache_dir)
+                       artifacts_dir=artifacts_dir, save_masks=masks.enabled and masks.save_masks,
+                       mask_sample=masks.sample_bits if masks.enabled and not masks.save_masks else None,
+                       collect_statistics=collect, device=device, cache_dir=cache_dir,
+                       layer_error_tokens=masks.error_tokens if masks.enabled and masks.error_tokens else None)

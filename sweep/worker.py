@@ -193,6 +193,8 @@ class ModelWorker:
                 published = publish_directory(local_artifacts, task.artifacts)
                 if "pruning" in result and "masks_path" in result["pruning"]:
                     result["pruning"]["masks_path"] = published.get("masks.safetensors")
+                if "pruning" in result and "mask_sample_path" in result["pruning"]:
+                    result["pruning"]["mask_sample_path"] = published.get("mask_sample.safetensors")
                 if "statistics_path" in result:
                     result["statistics_path"] = published.get("statistics.safetensors")
         finally:

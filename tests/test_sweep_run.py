@@ -120,7 +120,7 @@ def test_uninterrupted_run_finishes_every_trial_with_at_most_four_model_loads(re
     assert event["versions"]["torch"].startswith("2.13.0") and event["versions"]["lm_eval"]
     assert event["spec"]["calibration"]["seed"] == 0 and event["spec"]["pruner"]["method"] == "wanda"
     assert {"calibration", "pruning", "perplexity", "restore"} <= set(event["timings"])
-    assert Path(event["pruning"]["masks_path"]).is_file()
+    assert Path(event["pruning"]["mask_sample_path"]).is_file()
     assert of_kind(evs, "run_started")[0]["versions"]["torch"].startswith("2.13.0")
     table = results_table(out)
     assert table.height == 46 * 7 * 3  # every trial x 7 target languages x 3 perplexity metrics
@@ -319,7 +319,7 @@ def test_study_directory_on_object_storage(assets, tmp_path):
     assert sorted(p.name for p in (root / "events").iterdir())[0].endswith("-00000.jsonl")
     finished = of_kind(events(url), "finished")
     assert len(finished) == 3
-    masks = [e["pruning"]["masks_path"] for e in finished if e.get("pruning")]
+    masks = [e["pruning"]["mask_sample_path"] for e in finished if e.get("pruning")]
     assert len(masks) == 2 and all(m.startswith(url) for m in masks)
     assert all((root / m.removeprefix(f"{url}/")).is_file() for m in masks)
     assert not list(root.rglob("*.tmp"))

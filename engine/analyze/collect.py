@@ -8,6 +8,8 @@ counts (12.8 MB) and 32 x 4,096 x 7 float32 means (3.7 MB).
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,13 +26,31 @@ class LanguageStatistics:
 
 
 @dataclass
+class LayerError:
+    """Per linear layer name: [||WX - W'X||^2, ||WX||^2] summed over the first tokens of a language."""
+
+    sums: dict[str, list[float]] = field(default_factory=dict)
+    tokens: int = 0
+
+
+@dataclass
 class StatisticsCollector:
+    """`dense_weight(name)`, when given, returns a linear layer's dense weight (the trial's snapshot):
+    then each linear layer's output error against it is measured on the first `error_tokens` tokens of
+    each language. `neurons=False` skips the neuron counts and hidden means."""
+
     model: torch.nn.Module
+    neurons: bool = True
+    dense_weight: object = None
+    error_tokens: int = 4096
     languages: dict[str, LanguageStatistics] = field(default_factory=dict)
+    errors: dict[str, LayerError] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _, self.layers = find_decoder_layers(self.model)
-        self.activations = [_activation_module(layer, i) for i, layer in enumerate(self.layers)]
+        prefix, self.layers = find_decoder_layers(self.model)
+        self.activations = [_activation_module(layer, i) for i, layer in enumerate(self.layers)] if self.neurons else []
+        self.linears = {f"{prefix}.{name}": module for name, module in self.layers.named_modules()
+                        if isinstance(module, torch.nn.Linear)} if self.dense_weight is not None else {}
 
     @contextlib.contextmanager
     def collect(self, language: str):
@@ -65,10 +85,31 @@ class StatisticsCollector:
                         stats_now.tokens += int(valid.sum())
             return hook
 
+        def measure_error(name):
+            def hook(module, args, output):
+                record = self.errors.setdefault(language, LayerError())
+                budget = self.error_tokens - record.tokens
+                if budget <= 0:
+                    return
+                valid = state["valid"]
+                x = args[0][valid][:budget].float()
+                dense = torch.nn.functional.linear(x, self.dense_weight(name).to(x.device, x.dtype),
+                                                   None if module.bias is None else module.bias.float())
+                pruned = output[valid][:budget].float()
+                total = record.sums.setdefault(name, [0.0, 0.0])
+                total[0] += float((dense - pruned).pow(2).sum())
+                total[1] += float(dense.pow(2).sum())
+                if name == self._last_linear:
+                    record.tokens += x.shape[0]
+            return hook
+
         handles.append(self.model.register_forward_pre_hook(remember_mask, with_kwargs=True))
-        for i, (layer, activation) in enumerate(zip(self.layers, self.activations, strict=True)):
+        for i, (layer, activation) in enumerate(zip(self.layers, self.activations)):
             handles.append(activation.register_forward_hook(count_active(i)))
             handles.append(layer.register_forward_hook(sum_hidden(i)))
+        self._last_linear = next(reversed(self.linears)) if self.linears else None
+        for name, linear in self.linears.items():
+            handles.append(linear.register_forward_hook(measure_error(name)))
         try:
             yield
         finally:
@@ -81,7 +122,7 @@ class StatisticsCollector:
                                   hidden_sum=torch.zeros(len(self.layers), hidden, dtype=torch.float64))
 
     def save(self, path: Path, metadata: dict[str, str] | None = None) -> Path:
-        return save_statistics(path, self.languages, metadata)
+        return save_statistics(path, self.languages, self.errors, metadata)
 
 
 def _activation_module(layer: torch.nn.Module, index: int) -> torch.nn.Module:
@@ -93,34 +134,43 @@ def _activation_module(layer: torch.nn.Module, index: int) -> torch.nn.Module:
     return activation
 
 
-def save_statistics(path: Path, languages: dict[str, LanguageStatistics], metadata: dict[str, str] | None = None) -> Path:
+def save_statistics(path: Path, languages: dict[str, LanguageStatistics], errors: dict[str, LayerError] | None = None,
+                    metadata: dict[str, str] | None = None) -> Path:
     """One safetensors file: active counts [languages, layers, neurons] int32, tokens [languages] int64,
     hidden means [languages, layers, hidden] float32; the language order in the metadata. Atomic."""
-    import json
     import os
 
     from safetensors.torch import save_file
 
-    order = sorted(languages)
-    tokens = torch.tensor([languages[l].tokens for l in order], dtype=torch.int64)
-    tensors = {
-        "active": torch.stack([languages[l].active for l in order]).to(torch.int32),
-        "tokens": tokens,
-        "hidden_mean": torch.stack([languages[l].hidden_sum / max(1, languages[l].tokens) for l in order]).float(),
-    }
+    errors = errors or {}
+    order = sorted(set(languages) | set(errors))
+    tensors = {}
+    if languages and set(languages) == set(order):
+        tensors = {
+            "active": torch.stack([languages[l].active for l in order]).to(torch.int32),
+            "tokens": torch.tensor([languages[l].tokens for l in order], dtype=torch.int64),
+            "hidden_mean": torch.stack([languages[l].hidden_sum / max(1, languages[l].tokens) for l in order]).float(),
+        }
+    names = sorted({name for e in errors.values() for name in e.sums})
+    if names:
+        # [languages, linear layers, 2]: ||WX - W'X||^2 and ||WX||^2
+        empty = LayerError()
+        tensors["layer_error"] = torch.tensor([[errors.get(l, empty).sums.get(n, [math.nan, math.nan]) for n in names]
+                                               for l in order], dtype=torch.float64)
+    metadata = {**(metadata or {}), "linear_layers": json.dumps(names)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(temporary), metadata={**(metadata or {}), "languages": json.dumps(order)})
+    save_file(tensors, str(temporary), metadata={**metadata, "languages": json.dumps(order)})
     os.replace(temporary, path)
     return path
 
 
-def load_statistics(path: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
-    import json
-
+def load_statistics(path: Path) -> tuple[list[str], dict]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        languages = json.loads(handle.metadata()["languages"])
-        return languages, {name: handle.get_tensor(name) for name in handle.keys()}
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        tensors["linear_layers"] = json.loads(metadata.get("linear_layers", "[]"))
+        return json.loads(metadata["languages"]), tensors

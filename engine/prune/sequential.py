@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine.analyze.mask_sample import sample_mask
 from engine.prune.layers import find_decoder_layers, linear_layers, move
 from engine.prune.pruners import Pruner, check_sparsity_fits
 from engine.prune.sparsegpt_math import CholeskyError
@@ -49,6 +50,8 @@ class PruneReport:
     statistics_computed: int  # statistics accumulated (fewer than pruned layers when inputs are shared)
     peak_statistics_bytes: int  # the largest block's statistics (norms and Hessians) held at once
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> bool mask on CPU, if kept
+    # name -> the mask's bits at a fixed sample of positions (engine.analyze.mask_sample), if asked
+    mask_samples: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def extra_dampening(self) -> dict[str, float]:
@@ -153,6 +156,7 @@ def _peak_bytes(device: torch.device) -> int | None:
 def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, input_ids: torch.Tensor | None = None,
                        attention_mask: torch.Tensor | None = None, targets: list[str] | None = None,
                        device: str | torch.device | None = None, batch_size: int = 8, keep_masks: bool = False,
+                       mask_sample: int | None = None,
                        measure_error: bool = False, share_statistics: bool = True) -> PruneReport:
     """Prunes `model` in place. `input_ids` (samples, seq_len) are the calibration windows; methods that
     need no calibration (magnitude) take None. `measure_error` accumulates each layer's Hessian (if the
@@ -186,6 +190,7 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
 
     reports: list[LinearReport] = []
     masks: dict[str, torch.Tensor] = {}
+    samples: dict[str, torch.Tensor] = {}
     statistics_computed = 0
     peak_statistics_bytes = 0
     model_was_training = model.training
@@ -222,6 +227,8 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
                 reports.append(report)
                 if keep_masks:
                     masks[full_name] = out.mask.cpu()
+                if mask_sample:
+                    samples[full_name] = sample_mask(out.mask, full_name, mask_sample)
             if needs_inputs:
                 del hooks
                 for i, (args, kwargs) in enumerate(inputs):
@@ -240,4 +247,5 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
         statistics_computed=statistics_computed,
         peak_statistics_bytes=peak_statistics_bytes,
         masks=masks,
+        mask_samples=samples,
     )
