@@ -99,3 +99,46 @@ def test_collector_counts_real_tokens_and_ignores_padding(tmp_path):
     languages, tensors = load_statistics(path)
     assert languages == ["en"] and tensors["active"].shape == (1, 2, 24) and tensors["tokens"].tolist() == [10]
     assert torch.allclose(tensors["hidden_mean"][0, 0].double(), a.hidden_sum[0] / 10, atol=1e-5)
+
+
+def test_sampled_masks_estimate_the_full_iou():
+    from engine.analyze.mask_sample import sample_mask
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(2048, 1024, generator=generator) < 0.5
+    b = a.clone()
+    flip = torch.rand(2048, 1024, generator=generator) < 0.3
+    b[flip] = ~b[flip]
+    exact = float((a & b).sum() / (a | b).sum())
+    sa, sb = sample_mask(a, "layers.0.mlp.up_proj", 2**16), sample_mask(b, "layers.0.mlp.up_proj", 2**16)
+    estimate = float((sa & sb).sum() / (sa | sb).sum())
+    assert abs(estimate - exact) < 0.01  # standard error about 0.002 at 2^16 positions
+    assert torch.equal(sample_mask(a, "layers.0.mlp.up_proj", 2**16), sa)  # the same positions every time
+    assert not torch.equal(sample_mask(a, "layers.1.mlp.up_proj", 2**16), sa)  # other matrices, other positions
+    small = torch.rand(10, 10, generator=generator) < 0.5
+    assert torch.equal(sample_mask(small, "x", 2**16), small.reshape(-1))  # small matrices are kept whole
+
+
+def test_layer_error_is_zero_for_the_dense_weights_and_positive_when_pruned(tmp_path):
+    from engine.analyze.collect import StatisticsCollector
+    from engine.snapshot import DenseSnapshot
+
+    model = tiny_llama()
+    snapshot = DenseSnapshot(model)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    same = StatisticsCollector(model, neurons=False, dense_weight=snapshot.weight, error_tokens=16)
+    with torch.no_grad(), same.collect("en"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    record = same.errors["en"]
+    assert record.tokens == 16  # capped at error_tokens of the 24 real tokens
+    assert all(error == 0.0 and reference > 0 for error, reference in record.sums.values())
+    with torch.no_grad():
+        weight = model.model.layers[1].mlp.down_proj.weight
+        weight[:, : weight.shape[1] // 2] = 0
+    pruned = StatisticsCollector(model, neurons=False, dense_weight=snapshot.weight, error_tokens=16)
+    with torch.no_grad(), pruned.collect("en"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    sums = pruned.errors["en"].sums
+    assert sums["model.layers.1.mlp.down_proj"][0] > 0
+    assert sums["model.layers.0.mlp.down_proj"][0] == 0.0  # upstream of the change: untouched
+    snapshot.restore()

@@ -355,3 +355,33 @@ def test_bad_study_directory_url_is_refused_before_any_work(assets, tmp_path):
     result = sweep_cli("run", str(path), "--out", "nosuchscheme://bucket/study")
     assert result.returncode == 2 and "--out / execution.output_dir" in result.stderr
     assert "nosuchscheme" in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_analyses_of_the_demo_grid_appear_in_the_report(reference, tmp_path):
+    from sweep.report import build_report
+
+    _, out, _ = reference
+    page = build_report(out, tmp_path / "report").read_text(encoding="utf-8")
+    for heading in ("Pruning masks: overlap between calibration languages", "Layer-wise pruning error on held-out text",
+                    "Language-specific neurons (LAPE)", "Latent subspaces: language-specific vs language-agnostic"):
+        assert heading in page
+    tables = tmp_path / "report" / "tables"
+    overlap = pl.read_parquet(tables / "analysis-mask_overlap.parquet")
+    assert overlap.filter(pl.col("matrix") == "all")["iou"].is_between(0.3, 0.999).all()
+    assert set(overlap["calibration_a"]) | set(overlap["calibration_b"]) == {"ar", "de", "en", "es", "ru", "sw", "zh"}
+    # the study's question on the demo model: the target language's own calibration disturbs its layers least
+    errors = pl.read_parquet(tables / "analysis-layer_error.parquet").filter(
+        (pl.col("model") == "demo-llama") & (pl.col("pruner") == "wanda") & (pl.col("sparsity") == "0.5"))
+    mean = errors.group_by("calibration", "target").agg(pl.col("relative_error").mean())
+    best = mean.sort("relative_error").group_by("target").agg(pl.col("calibration").first())
+    assert (best["calibration"] == best["target"]).sum() >= 5
+    neurons = pl.read_parquet(tables / "analysis-neurons.parquet")
+    dense = neurons.filter(pl.col("pruner") == "dense").row(0, named=True)
+    assert dense["survive"] == dense["dense"] > 0 and dense["vanish"] == dense["appear"] == 0
+    pruned = neurons.filter(pl.col("pruner") != "dense")
+    assert (pruned["survive"] + pruned["vanish"] == pruned["dense"]).all() and (pruned["vanish"] > 0).any()
+    snr = pl.read_parquet(tables / "analysis-snr.parquet")
+    assert snr["snr_specific_db"].is_finite().all() and snr["snr_agnostic_db"].is_finite().all()
+    # compact per trial: sampled masks plus statistics
+    artifacts = [p for p in (out / "artifacts").rglob("*.safetensors")]
+    assert {p.name for p in artifacts} == {"mask_sample.safetensors", "statistics.safetensors"}
