@@ -136,7 +136,10 @@ def neuron_tables(trials: list[dict], stats: dict, settings: AnalysisSettings) -
     for model, dense_trial in dense_by_model.items():
         languages, dense = stats[dense_trial["key"]]
         p_dense = activation_probability(dense["active"], dense["tokens"])
-        threshold = float(torch.quantile(p_dense.flatten().float()[:16_000_000], settings.activation_quantile))
+        flat = p_dense.flatten().float()
+        if flat.numel() > 2**24:  # torch.quantile's limit; a fixed strided subsample keeps the quantile
+            flat = flat[:: -(-flat.numel() // 2**24)]
+        threshold = float(torch.quantile(flat, settings.activation_quantile))
         lape_dense = lape(p_dense)
         specific_dense = language_specific(p_dense, lape_dense, settings.lape_quantile, threshold)
         top = math.log(len(languages))

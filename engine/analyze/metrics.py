@@ -43,7 +43,7 @@ def language_specific(probability: torch.Tensor, entropy: torch.Tensor, lape_qua
     finite = entropy[~entropy.isnan()]
     if finite.numel() == 0:
         return torch.zeros_like(entropy, dtype=torch.bool)
-    cut = torch.quantile(finite.float(), lape_quantile) if finite.numel() < 16_000_000 else \
+    cut = torch.quantile(finite.float(), lape_quantile) if finite.numel() <= 2**24 else \
         torch.kthvalue(finite.float().cpu(), max(1, int(lape_quantile * finite.numel()))).values
     return (entropy <= cut) & (probability.max(dim=0).values >= activation_threshold)
 
