@@ -53,9 +53,9 @@ def test_demo_runs_and_writes_its_report(demo_assets, tmp_path):
     assert "Dense baselines" in html and "Calibration language x target language" in html
     assert "demo-cohere / wanda 0.5: bits per byte" in html and "Downstream tasks" in html
     assert "Demo models" in html and "Corpus sources" in html and "complete" in html
-    assert sorted(p.name for p in (report / "figures").iterdir()) == [
-        f"{m}-{p}-0.5-{what}.png" for m in ("demo-cohere", "demo-llama") for p in ("sparsegpt", "wanda")
-        for what in ("average-acc", "perplexity-bits-per-byte")]
+    figures = {p.name for p in (report / "figures").iterdir()}
+    assert figures == {f"{m}-{p}-0.5-{what}.png" for m in ("demo-cohere", "demo-llama") for p in ("sparsegpt", "wanda")
+                       for what in ("average-acc", "perplexity-bits-per-byte", "mask-iou", "layer-error", "lape", "snr")}
     tidy = pl.read_csv(report / "tables" / "tidy.csv")
     assert tidy["key"].n_unique() == 2 * (1 + 2 * 2)  # per model: dense + 2 pruners x 2 calibration languages
     bpb = tidy.filter((pl.col("task") == "perplexity") & (pl.col("metric") == "bits_per_byte"))
