@@ -80,8 +80,9 @@ def _png(fig) -> bytes:
 
 def iou_png(overlap: pl.DataFrame, languages: list[str], title: str) -> bytes:
     """Left: mean IoU (over layers and seeds) between the masks of each pair of calibration languages.
-    Right: IoU with the English-calibrated mask (or the first language's) per layer."""
+    Right: IoU per layer (columns) for every pair (rows), pairs with English first."""
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
     present = [l for l in languages if l in set(overlap["calibration_a"]) | set(overlap["calibration_b"])]
@@ -91,32 +92,35 @@ def iou_png(overlap: pl.DataFrame, languages: list[str], title: str) -> bytes:
         i, j = present.index(a), present.index(b)
         matrix[i, j] = matrix[j, i] = value
     np.fill_diagonal(matrix, 1.0)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
-    image = left.imshow(matrix, cmap="viridis", vmin=np.nanmin(matrix), vmax=1.0)
+    per_layer = overlap.group_by("calibration_a", "calibration_b", "layer").agg(pl.col("iou").mean())
+    pairs = sorted({(a, b) for a, b in per_layer.select("calibration_a", "calibration_b").iter_rows()},
+                   key=lambda p: ("en" not in p, present.index(p[0]), present.index(p[1])))
+    layers = sorted(set(per_layer["layer"]))
+    grid = np.full((len(pairs), len(layers)), np.nan)
+    for a, b, layer, value in per_layer.iter_rows():
+        grid[pairs.index((a, b)), layers.index(layer)] = value
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(4.2, 0.22 * len(pairs) + 1.5)), dpi=100,
+                                      gridspec_kw={"width_ratios": [1, 1.3]})
+    low = float(np.nanmin(grid)) if np.isfinite(grid).any() else 0.0
+    image = left.imshow(matrix, cmap="viridis", vmin=low, vmax=1.0)
     left.set_xticks(range(len(present)), present)
     left.set_yticks(range(len(present)), present)
     for i in range(len(present)):
         for j in range(len(present)):
-            left.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", fontsize=7, color="white")
+            left.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", fontsize=7,
+                      color="black" if i == j else "white")
     left.set_title("mask IoU, all layers", fontsize=9)
-    fig.colorbar(image, ax=left, shrink=0.8)
-    anchor = "en" if "en" in present else (present[0] if present else None)
-    for other in present:
-        if other == anchor:
-            continue
-        pair = overlap.filter(((pl.col("calibration_a") == anchor) & (pl.col("calibration_b") == other))
-                              | ((pl.col("calibration_a") == other) & (pl.col("calibration_b") == anchor)))
-        per_layer = pair.group_by("layer").agg(pl.col("iou").mean()).sort("layer")
-        right.plot(per_layer["layer"], per_layer["iou"], marker="o", markersize=3, label=other)
-    from matplotlib.ticker import MaxNLocator
-
+    right.imshow(grid, cmap="viridis", vmin=low, vmax=1.0, aspect="auto")
+    right.set_yticks(range(len(pairs)), [f"{a}-{b}" for a, b in pairs], fontsize=7)
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("layer")
-    right.set_ylabel(f"IoU with the {anchor}-calibrated mask")
-    right.legend(fontsize=7, ncol=2)
-    right.set_title("per layer", fontsize=9)
+    right.set_title("mask IoU per layer, per pair of calibration languages", fontsize=9)
+    fig.colorbar(image, ax=[left, right], shrink=0.8, label="IoU of pruned positions")
     fig.suptitle(title, fontsize=10)
-    return _png(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def lape_png(hist: pl.DataFrame, title: str) -> bytes:
