@@ -74,7 +74,8 @@ def plan_record(plan: Plan) -> dict:
             "trials": [{"key": t.key, "name": t.name, **trial_fields(t)} for t in plan.trials]}
 
 
-def run_study(study_path: str | Path, options: RunOptions, out=sys.stdout, err=sys.stderr) -> RunOutcome:
+def run_study(study_path: str | Path, options: RunOptions, out=None, err=None) -> RunOutcome:
+    out, err = out or sys.stdout, err or sys.stderr
     from sweep.cli import report_invalid
     from sweep.env import apply_default_env
 
@@ -178,20 +179,21 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
               out, err, frozen: str, current: set[str], finished_before: int, failed_before: int) -> RunOutcome:
     import ray
 
-    from sweep.scheduler import Scheduler, SchedulerConfig, SchedulingError, cluster_capacity
+    from sweep.scheduler import Scheduler, SchedulerConfig, SchedulingError, cluster_capacity, largest_node
     from sweep.worker import ModelWorker
 
     execution = study.spec.execution
     jobs, shapes = build_jobs(study, todo, state, store)
     for label, shape in shapes.items():
         if cluster_capacity(shape) == 0:
-            message = (f"models[{label}] needs {shape.describe()} per replica but the cluster has "
-                       f"{ray.cluster_resources().get('GPU', 0):g} GPUs and {ray.cluster_resources().get('CPU', 0):g} CPUs")
+            message = (f"models[{label}] needs {shape.describe()} per replica on one node, and no live node has that "
+                       f"({largest_node(shape)})")
             if options.address is None:
                 print(f"error: {message}. Set gpus: 0 for this model to run it on CPU, or join a GPU cluster with "
                       "--address.", file=err)
                 return RunOutcome(EXIT_INVALID, store=store.location.url)
-            print(f"warning: {message}; waiting for the autoscaler to add a node", file=err)
+            print(f"warning: {message}; waiting up to execution.placement_timeout_s "
+                  f"({execution.placement_timeout_s}) s for the autoscaler to add one", file=err)
 
     versions = _driver_versions()
     revision = git_revision()
@@ -219,6 +221,8 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
             verdict = "gave up" if event["final"] else "will retry"
             counts["failed"] += event["final"]
             progress.log(f"  failed  {event['name']}  attempt {event['attempt']} ({verdict}): {event['error']}")
+        elif kind == "unschedulable":
+            progress.log(f"  {event['error']}")
         elif kind == "actor_lost":
             progress.log(f"  worker #{event['actor']} on {event.get('host')} died: {event['error']}; its trial is re-queued")
         elif kind == "started":
@@ -228,7 +232,8 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
     actor_options = {"runtime_env": {"env_vars": worker_env()}}
     scheduler = Scheduler(ray.remote(ModelWorker), jobs,
                           SchedulerConfig(retries=execution.retries, timeout_s=execution.trial_timeout_s,
-                                          max_actors=options.max_actors or execution.max_actors),
+                                          max_actors=options.max_actors or execution.max_actors,
+                                          placement_timeout_s=execution.placement_timeout_s),
                           emit, actor_options=actor_options)
 
     def tick(s: Scheduler) -> None:

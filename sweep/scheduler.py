@@ -55,6 +55,9 @@ class SchedulerConfig:
     max_actors: int | None = None
     poll_s: float = 0.5
     max_start_failures: int = 5  # actors that die before their first job; more means a broken setup
+    # An actor that cannot be placed for this long while no live node could hold its shape makes its
+    # model's trials fail as unschedulable (an autoscaler has had that long to add a node). None: wait.
+    placement_timeout_s: float | None = 900.0
 
 
 class SchedulingError(RuntimeError):
@@ -73,6 +76,7 @@ class _Slot:
     ref: Any = None
     loading: bool = False  # `ref` is a model load (not under the trial timeout), then the trial runs
     since: float = 0.0
+    created: float = field(default_factory=time.monotonic)
 
     def describe(self) -> dict:
         info = self.info or {}
@@ -112,6 +116,7 @@ class Scheduler:
         self._next_id = 0
         self._start_failures = 0
         self._stopping = False
+        self.unschedulable: set[Shape] = set()
         self.total = len(jobs)
 
     # -- state ---------------------------------------------------------------------------------
@@ -174,7 +179,7 @@ class Scheduler:
 
     def _size_pool(self) -> None:
         total_cap = self.config.max_actors or math.inf
-        for shape in {self.shapes[m] for m, q in self.queues.items() if q}:
+        for shape in {self.shapes[m] for m, q in self.queues.items() if q} - self.unschedulable:
             mine = [s for s in self.slots.values() if s.shape == shape]
             idle_or_starting = sum(1 for s in mine if s.job is None)
             want = min(self.queued(shape) + len(mine) - idle_or_starting, self.capacity(shape))
@@ -313,7 +318,35 @@ class Scheduler:
                    "attempt": job.earlier_attempts + job.attempts, "final": final, "error": error,
                    "traceback": traceback, "seconds": seconds, **where})
 
+    def _check_placement(self) -> None:
+        limit = self.config.placement_timeout_s
+        if limit is None:
+            return
+        now = time.monotonic()
+        for slot in list(self.slots.values()):
+            if slot.info is not None or now - slot.created <= limit or self.capacity(slot.shape) > 0:
+                continue
+            shape = slot.shape
+            self.unschedulable.add(shape)
+            for other in [s for s in self.slots.values() if s.shape == shape and s.info is None]:
+                ray.kill(other.handle, no_restart=True)
+                del self.slots[other.id]
+            why = (f"unschedulable: no live node can hold an actor of {shape.describe()} ({largest_node(shape)}); "
+                   f"waited {limit:g} s for one. Lower the model's gpus, or add nodes that large.")
+            self.emit({"event": "unschedulable", "shape": shape.describe(), "error": why})
+            for model, queue in self.queues.items():
+                if self.shapes[model] != shape:
+                    continue
+                while queue:
+                    job = queue.popleft()
+                    job.attempts += 1
+                    self.counters.failed += 1
+                    self.emit({"event": "failed", "key": job.key, "name": job.name, "model": job.model,
+                               "attempt": job.earlier_attempts + job.attempts, "final": True, "error": why,
+                               "traceback": "", "seconds": 0.0})
+
     def _check_timeouts(self) -> None:
+        self._check_placement()
         limit = self.config.timeout_s
         if limit is None:
             return
@@ -328,14 +361,25 @@ class Scheduler:
 
 
 def cluster_capacity(shape: Shape) -> int:
-    """How many actors of this shape the cluster could hold at once, were it empty."""
-    resources = ray.cluster_resources()
+    """How many actors of this shape the cluster's live nodes could hold at once, were they empty. Per
+    node: a 4-GPU actor does not fit two nodes of 2 GPUs."""
+    return sum(node_capacity(node.get("Resources") or {}, shape) for node in ray.nodes() if node.get("Alive"))
+
+
+def node_capacity(resources: dict, shape: Shape) -> int:
     fits = []
     if shape.gpus:
         fits.append(int(resources.get("GPU", 0) // shape.gpus))
     if shape.cpus:
         fits.append(int(resources.get("CPU", 0) // shape.cpus))
     return min(fits) if fits else 1
+
+
+def largest_node(shape: Shape) -> str:
+    """The biggest live node, in the resource the shape is short of (for error messages)."""
+    key = "GPU" if shape.gpus else "CPU"
+    most = max((float((n.get("Resources") or {}).get(key, 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    return f"the largest live node has {most:g} {key}s"
 
 
 def _first_line(err: BaseException) -> str:

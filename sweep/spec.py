@@ -157,6 +157,8 @@ class ExecutionSpec(Strict):
     output_dir: StrictStr = Field("runs/{study}", description="study directory; {study} is the study name")
     retries: StrictInt = Field(2, ge=0, le=100)
     trial_timeout_s: Union[StrictInt, StrictFloat, None] = Field(None, gt=0)
+    placement_timeout_s: Union[StrictInt, StrictFloat, None] = Field(
+        900, gt=0, description="fail a model's trials as unschedulable when no node can hold its actor for this long")
     cpus_per_actor: Union[StrictInt, StrictFloat] = Field(1, gt=0)
     max_actors: StrictInt | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"

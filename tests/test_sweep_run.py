@@ -385,3 +385,34 @@ def test_analyses_of_the_demo_grid_appear_in_the_report(reference, tmp_path):
     # compact per trial: sampled masks plus statistics
     artifacts = [p for p in (out / "artifacts").rglob("*.safetensors")]
     assert {p.name for p in artifacts} == {"mask_sample.safetensors", "statistics.safetensors"}
+
+
+def test_an_actor_larger_than_any_node_is_reported_unschedulable_not_left_hanging(assets, tmp_path, monkeypatch, capsys):
+    from ray.cluster_utils import Cluster
+
+    path = light_demo_study(tmp_path, models=("demo-llama",), languages=["en"],
+                            pruners=[{"method": "wanda", "sparsity": 0.5}], placement_timeout_s=3)
+    study = yaml.safe_load(path.read_text())
+    study["models"][0]["gpus"] = 4  # 4 GPUs per replica; the nodes have 2 each (4 in all)
+    path.write_text(yaml.safe_dump(study))
+    temp_dir = tempfile.mkdtemp(prefix="sweep-t-")
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, num_gpus=2)
+        cluster.wait_for_nodes()
+        started = time.monotonic()
+        outcome = run_study(path, RunOptions(address=cluster.address, progress=False))
+        seconds = time.monotonic() - started
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert outcome.code == 1 and outcome.failed == 2 and seconds < 120
+    err = capsys.readouterr().err
+    assert "needs 4 GPU + 1 CPU per replica on one node, and no live node has that (the largest live node has 2 GPUs)" in err
+    evs = events(tmp_path / "runs" / "light")
+    failed = of_kind(evs, "failed")
+    assert len(failed) == 2 and all(e["final"] and e["error"].startswith("unschedulable") for e in failed)
+    assert not of_kind(evs, "started")
