@@ -89,6 +89,7 @@ class TrialConfig:
     mask_sample: int | None = None  # or each mask at this many fixed positions (mask_sample.safetensors)
     collect_statistics: bool = False  # per-language neuron activity and hidden means (the LAPE and subspace analyses)
     layer_error_tokens: int | None = None  # pruned trials: each linear's output error on this many tokens per language
+    save_model: bool = False  # pruned trials: the pruned model in Hugging Face format under artifacts_dir/model
     device: str = "cpu"
     cache_dir: Path | None = None
 
@@ -137,12 +138,31 @@ def run_trial(config: TrialConfig, loaded: LoadedModel) -> dict:
         if config.pruning is not None:
             result["pruning"] = _prune(config, loaded, timings)
         result["metrics"] = _evaluate(config, loaded, timings, result)
+        if config.save_model and config.pruning is not None and config.artifacts_dir is not None:
+            started = time.perf_counter()
+            result["model_path"] = str(_save_model(config, loaded, result))
+            timings["save_model"] = time.perf_counter() - started
     finally:
         started = time.perf_counter()
         loaded.snapshot.restore()
         timings["restore"] = time.perf_counter() - started
     result["timings"] = timings
     return result
+
+
+def _save_model(config: TrialConfig, loaded: LoadedModel, result: dict) -> Path:
+    from engine.save import model_card, save_pruned_model
+
+    cal = config.calibration
+    calibration = None if cal is None else {
+        "languages": "+".join(f"{code}:{weight:g}" if len(cal.weights) > 1 else code for code, weight in cal.weights),
+        "samples": cal.samples, "seq_len": cal.seq_len, "seed": cal.seed}
+    card = model_card(loaded.source.name_or_path, config.name, config.key, result.get("pruning") or {}, calibration,
+                      result.get("metrics") or [])
+    details = {"key": config.key, "name": config.name, "base": loaded.source.name_or_path,
+               "revision": loaded.source.revision, "pruning": result.get("pruning"), "calibration": calibration,
+               "metrics": result.get("metrics")}
+    return save_pruned_model(loaded.model, loaded.tokenizer, Path(config.artifacts_dir) / "model", card, details)
 
 
 def _prune(config: TrialConfig, loaded: LoadedModel, timings: dict) -> dict:

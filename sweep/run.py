@@ -212,6 +212,7 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
             result = event.pop("result") or {}
             event.update(trial=trial_fields(trial), spec=trial.payload(), metrics=result.get("metrics", []),
                          pruning=result.get("pruning"), statistics=result.get("statistics_path"),
+                         saved_model=result.get("model_path"), hub_repo=result.get("hub_repo"),
                          timings=result.get("timings"), git=revision)
             durations.append(event.get("seconds") or 0.0)
             counts["finished"] += 1
@@ -285,7 +286,7 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
 
 def build_jobs(study: Study, todo: list[TrialSpec], state, store: StudyStore):
     from sweep.scheduler import Job, Shape
-    from sweep.trials import evaluation_config, model_source, trial_config
+    from sweep.trials import evaluation_config, hub_repo, model_source, trial_config
     from sweep.worker import TrialTask
 
     execution = study.spec.execution
@@ -300,7 +301,8 @@ def build_jobs(study: Study, todo: list[TrialSpec], state, store: StudyStore):
     for trial in todo:
         config = trial_config(study, trial, evaluation=evaluation, cache_dir=cache_dir)
         task = TrialTask(model_source=sources[trial.model_index], config=config, device=execution.device,
-                         artifacts=str(store.artifact_dir(trial.key)), log_dir=log_dir)
+                         artifacts=str(store.artifact_dir(trial.key)), log_dir=log_dir,
+                         hub_repo=hub_repo(study, trial), hub_private=study.spec.save_models.private)
         jobs.append(Job(key=trial.key, name=trial.name, model=trial.model_label, shape=shapes[trial.model_label],
                         payload=task, earlier_attempts=state.attempts.get(trial.key, 0)))
     return jobs, shapes

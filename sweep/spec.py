@@ -153,6 +153,32 @@ class AnalysesSpec(Strict):
     subspace: SubspaceSpec = Field(default_factory=lambda: SubspaceSpec(enabled=False))
 
 
+REPO_FIELDS = {"study", "model", "pruner", "sparsity", "calibration", "seed", "name", "key"}
+
+
+class SaveModelsSpec(Strict):
+    """Pruned models in Hugging Face format (with a model card), under artifacts/<key>/model."""
+
+    enabled: StrictBool = False
+    hub_repo: StrictStr | None = Field(
+        None, description="upload each to this hub repo, a template such as 'me/{model}-{pruner}-{sparsity}-"
+                          "{calibration}-seed{seed}'; needs HF_TOKEN on the workers")
+    private: StrictBool = True
+
+    @field_validator("hub_repo")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        fields = set(re.findall(r"{(\w*)}", value))
+        unknown = fields - REPO_FIELDS
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)} in {value!r}; use {sorted(REPO_FIELDS)}")
+        if value.count("/") != 1:
+            raise ValueError(f"{value!r} must be 'owner/name'")
+        return value
+
+
 class ExecutionSpec(Strict):
     output_dir: StrictStr = Field("runs/{study}", description="study directory; {study} is the study name")
     retries: StrictInt = Field(2, ge=0, le=100)
@@ -173,6 +199,7 @@ class StudySpec(Strict):
     baselines: BaselineSpec = Field(default_factory=BaselineSpec)
     evaluation: EvaluationSpec
     analyses: AnalysesSpec = Field(default_factory=AnalysesSpec)
+    save_models: SaveModelsSpec = Field(default_factory=SaveModelsSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
     @field_validator("name")

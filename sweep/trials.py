@@ -1,6 +1,7 @@
 """From a planned trial (sweep.grid.TrialSpec) to what the engine runs (engine.trial.TrialConfig)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from engine.data.local_files import find_language_files
@@ -46,6 +47,18 @@ def evaluation_config(study: Study, tasks: list[TaskConfig] | None = None) -> Ev
                             batch_size=ev.batch_size)
 
 
+def hub_repo(study: Study, trial: TrialSpec) -> str | None:
+    """The hub repository a pruned model uploads to, from the study's template; None when not asked."""
+    template = study.spec.save_models.hub_repo
+    if not study.spec.save_models.enabled or template is None or trial.is_dense:
+        return None
+    fields = {"study": study.name, "model": trial.model_label, "pruner": trial.pruner_label,
+              "sparsity": trial.sparsity.slug(), "calibration": trial.calibration.slug() if trial.calibration else "none",
+              "seed": trial.seed if trial.seed is not None else 0, "name": trial.name, "key": trial.key}
+    owner, name = template.format(**fields).split("/", 1)
+    return f"{owner}/{re.sub(r'[^A-Za-z0-9._-]+', '-', name)[:96]}"
+
+
 def trial_config(study: Study, trial: TrialSpec, artifacts_dir: Path | None = None, device: str = "cpu",
                  cache_dir: Path | None = None, evaluation: EvaluationConfig | None = None) -> TrialConfig:
     spec = study.spec
@@ -55,7 +68,8 @@ def trial_config(study: Study, trial: TrialSpec, artifacts_dir: Path | None = No
     if trial.is_dense:
         return TrialConfig(key=trial.key, name=trial.name, evaluation=evaluation, artifacts_dir=artifacts_dir,
                            collect_statistics=collect, device=device, cache_dir=cache_dir,
-                       layer_error_tokens=masks.error_tokens if masks.enabled and masks.error_tokens else None)
+                       layer_error_tokens=masks.error_tokens if masks.enabled and masks.error_tokens else None,
+                       save_model=spec.save_models.enabled)
     pruner = next(p for p in spec.pruners if p.label == trial.pruner_label)
     pruning = PruningConfig(method=pruner.method, sparsity=trial.sparsity.canonical(), params=dict(pruner.params),
                             targets=tuple(pruner.targets) if pruner.targets else None)
@@ -73,4 +87,5 @@ def trial_config(study: Study, trial: TrialSpec, artifacts_dir: Path | None = No
                        artifacts_dir=artifacts_dir, save_masks=masks.enabled and masks.save_masks,
                        mask_sample=masks.sample_bits if masks.enabled and not masks.save_masks else None,
                        collect_statistics=collect, device=device, cache_dir=cache_dir,
-                       layer_error_tokens=masks.error_tokens if masks.enabled and masks.error_tokens else None)
+                       layer_error_tokens=masks.error_tokens if masks.enabled and masks.error_tokens else None,
+                       save_model=spec.save_models.enabled)

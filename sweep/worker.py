@@ -30,6 +30,8 @@ class TrialTask:
     device: str = "auto"  # auto | cpu | cuda
     artifacts: str | None = None  # where this trial's artifacts go: a local directory or an fsspec URL
     log_dir: str | None = None  # library output (progress bars, notices) goes to a file here
+    hub_repo: str | None = None  # upload the saved pruned model here
+    hub_private: bool = True
 
 
 FAULTS_ENV = "SWEEP_INJECT_FAULTS"
@@ -189,18 +191,33 @@ class ModelWorker:
         try:
             with _library_output(task.log_dir):
                 result = run_trial(config, self.loaded)
+            if task.hub_repo and result.get("model_path"):
+                result["hub_repo"] = upload_model(Path(result["model_path"]), task.hub_repo, task.hub_private)
             if staging and task.artifacts:
                 published = publish_directory(local_artifacts, task.artifacts)
                 if "pruning" in result and "masks_path" in result["pruning"]:
                     result["pruning"]["masks_path"] = published.get("masks.safetensors")
                 if "pruning" in result and "mask_sample_path" in result["pruning"]:
                     result["pruning"]["mask_sample_path"] = published.get("mask_sample.safetensors")
+                if "model_path" in result:
+                    result["model_path"] = f"{task.artifacts.rstrip('/')}/model"
                 if "statistics_path" in result:
                     result["statistics_path"] = published.get("statistics.safetensors")
         finally:
             if staging:
                 shutil.rmtree(local_artifacts, ignore_errors=True)
         return result
+
+
+def upload_model(folder: Path, repo: str, private: bool) -> str:
+    """Uploads a saved pruned model to the hub (HF_TOKEN in the worker's environment)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
+                      commit_message=f"pruned model from calibration-sweep ({folder.parent.name})")
+    return repo
 
 
 class DeviceUnavailable(RuntimeError):

@@ -197,3 +197,15 @@ def test_fault_injection_matches_name_and_attempt(monkeypatch):
     monkeypatch.setenv("SWEEP_INJECT_FAULTS", json.dumps([{"match": "cal-en", "kind": "exit", "attempts": 2}]))
     assert injected_fault("m.wanda.cal-en", 1) == "exit" and injected_fault("m.wanda.cal-en", 2) == "exit"
     assert injected_fault("m.wanda.cal-en", 3) is None and injected_fault("m.wanda.cal-de", 1) is None
+
+
+def test_hub_repo_template_is_checked():
+    from pydantic import ValidationError
+
+    from sweep.spec import SaveModelsSpec
+
+    assert SaveModelsSpec(enabled=True, hub_repo="me/{model}-{pruner}-{sparsity}-cal-{calibration}-seed{seed}")
+    with pytest.raises(ValidationError, match="unknown field"):
+        SaveModelsSpec(hub_repo="me/{modle}")
+    with pytest.raises(ValidationError, match="owner/name"):
+        SaveModelsSpec(hub_repo="{model}")

@@ -416,3 +416,34 @@ def test_an_actor_larger_than_any_node_is_reported_unschedulable_not_left_hangin
     failed = of_kind(evs, "failed")
     assert len(failed) == 2 and all(e["final"] and e["error"].startswith("unschedulable") for e in failed)
     assert not of_kind(evs, "started")
+
+
+def test_saved_pruned_model_loads_and_gives_the_same_perplexity(assets, tmp_path):
+    from engine.trial import load
+    from engine.models import ModelSource
+    from engine.evaluate.suite import perplexity_of_tokens
+    from sweep.study import load_study
+    from sweep.trials import evaluation_config
+
+    path = light_demo_study(tmp_path, models=("demo-llama",), languages=["sw"],
+                            pruners=[{"method": "wanda", "sparsity": 0.5}])
+    study = yaml.safe_load(path.read_text())
+    study["save_models"] = {"enabled": True}
+    path.write_text(yaml.safe_dump(study))
+    assert run_study(path, RunOptions(num_cpus=2, progress=False)).code == 0
+    finished = {e["name"]: e for e in of_kind(events(tmp_path / "runs" / "light"), "finished")}
+    pruned = finished["demo-llama.wanda.s50.cal-sw.seed0"]
+    assert finished["demo-llama.dense"].get("saved_model") is None  # only pruned models are saved
+    folder = Path(pruned["saved_model"])
+    card = (folder / "README.md").read_text()
+    assert "pruned with **wanda** to sparsity **0.5**" in card and "calibrated on\n**sw** text" in card
+    assert "| sw | perplexity | bits_per_byte |" in card
+
+    loaded = load(ModelSource(str(folder), dtype="float32"))
+    weight = loaded.model.model.layers[0].mlp.down_proj.weight
+    assert abs(float((weight == 0).float().mean()) - 0.5) < 0.01  # the zeros were saved
+    perplexity = evaluation_config(load_study(path)).perplexity
+    ids, n_bytes = loaded.evaluation_tokens(perplexity, "sw")
+    result = perplexity_of_tokens(loaded.model, loaded.tokenizer, ids, n_bytes, perplexity.window, 16)
+    logged = next(m["value"] for m in pruned["metrics"] if m["language"] == "sw" and m["metric"] == "bits_per_byte")
+    assert result.bits_per_byte == pytest.approx(logged, rel=1e-6)
