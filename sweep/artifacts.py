@@ -14,6 +14,6 @@ def publish_directory(local: Path, destination: str) -> dict[str, str]:
     for path in sorted(Path(local).rglob("*")):
         if path.is_file() and not path.name.startswith("."):
             rel = path.relative_to(local).as_posix()
-            target.write_atomic(rel, path.read_bytes())
+            target.upload_atomic(rel, path)
             out[rel] = target.join(rel)
     return out

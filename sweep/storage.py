@@ -9,6 +9,7 @@ purpose: they exercise the object-storage path on a local disk.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +22,7 @@ class Location(Protocol):
     def join(self, *parts: str) -> str: ...
     def read_bytes(self, rel: str) -> bytes | None: ...
     def write_atomic(self, rel: str, data: bytes) -> None: ...
+    def upload_atomic(self, rel: str, local: Path) -> None: ...
     def create_exclusive(self, rel: str, data: bytes) -> bool: ...
     def delete(self, rel: str) -> None: ...
     def move(self, rel: str, new_rel: str) -> None: ...
@@ -60,6 +62,13 @@ class LocalLocation:
 
     def write_atomic(self, rel: str, data: bytes) -> None:
         write_file_atomic(self.root / rel, data)
+
+    def upload_atomic(self, rel: str, local: Path) -> None:
+        target = self.root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        shutil.copyfile(local, temporary)
+        os.replace(temporary, target)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         path = self.root / rel
@@ -129,6 +138,15 @@ class FsspecLocation:
         temporary = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
         with self.fs.open(temporary, "wb") as handle:
             handle.write(data)
+        self.fs.mv(temporary, path)
+
+    def upload_atomic(self, rel: str, local: Path) -> None:
+        """Streams a local file up (a saved model's shards are gigabytes: never read whole into memory)."""
+        path = self._path(rel)
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        temporary = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
+        self.fs.put_file(str(local), temporary)
         self.fs.mv(temporary, path)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:

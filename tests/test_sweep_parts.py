@@ -209,3 +209,14 @@ def test_hub_repo_template_is_checked():
         SaveModelsSpec(hub_repo="me/{modle}")
     with pytest.raises(ValidationError, match="owner/name"):
         SaveModelsSpec(hub_repo="{model}")
+
+
+def test_upload_atomic_streams_a_file_into_either_backend(location, tmp_path):
+    local = tmp_path / "shard.bin"
+    local.write_bytes(b"w" * 100_000)
+    location.upload_atomic("artifacts/k/model/shard.bin", local)
+    assert location.read_bytes("artifacts/k/model/shard.bin") == b"w" * 100_000
+    folder = (location.local_path("artifacts/k/model") if location.is_local
+              else location.fs.ls(location._path("artifacts/k/model"), detail=False))
+    names = sorted(p.name for p in folder.iterdir()) if location.is_local else sorted(n.rsplit("/", 1)[-1] for n in folder)
+    assert names == ["shard.bin"]  # no temporary left behind
