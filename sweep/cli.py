@@ -59,7 +59,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan_as_dict(plan), indent=2))
     else:
-        print(format_plan(plan, show_trials=not args.summary))
+        print(format_plan(plan, show_trials=not args.summary and not args.estimate))
+    if args.estimate:
+        from sweep.estimate import format_estimates, study_estimates
+
+        try:
+            table, problems = format_estimates(study_estimates(study), args.gpu_memory_gib)
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_INVALID
+        print(table)
+        for problem in problems:
+            print(f"warning: {problem}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -145,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--summary", action="store_true", help="counts only, no trial list")
+    p.add_argument("--estimate", action="store_true", help="parameters and GPU memory per worker actor")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU, for --estimate")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run what is left of a study on Ray (embedded, or a cluster with --address)")
