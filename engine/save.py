@@ -48,6 +48,13 @@ def save_pruned_model(model, tokenizer, directory: Path, card: str, details: dic
     tokenizer.save_pretrained(temporary)
     (temporary / "README.md").write_text(card, encoding="utf-8")
     (temporary / "trial.json").write_text(json.dumps(details, indent=1, default=str) + "\n", encoding="utf-8")
+    # safetensors writes its files with mode 0600 whatever the umask, so on a shared study directory
+    # nobody but the sweep's own user could load the weights (with lm_eval or anything else). Give every
+    # file the mode an ordinary write would: the umask's, read off the directory save_pretrained made.
+    readable = temporary.stat().st_mode & 0o666
+    for path in temporary.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(readable)
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(temporary, directory)
