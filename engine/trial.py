@@ -103,15 +103,37 @@ class LoadedModel:
     seconds: float
     _texts: dict = field(default_factory=dict)
 
-    def evaluation_tokens(self, config: PerplexityConfig, language: str) -> tuple[list[int], int]:
+    def evaluation_tokens(self, config: PerplexityConfig, language: str,
+                          cache_dir: Path | None = None) -> tuple[list[int], int]:
         """The same token ids (and the UTF-8 bytes they spell) for every trial: the documents in stored
-        order, read and tokenized once per loaded model rather than once per trial."""
+        order, read and tokenized once per loaded model rather than once per trial (and, for a hub
+        source, once per cache directory: see `evaluation_tokens`)."""
         key = (config, language)
         if key not in self._texts:
-            texts = list(documents(config.source, get_language(language), seed=None)) \
-                if config.source.kind == "local" else _first_documents(config, language, self.tokenizer)
-            self._texts[key] = language_tokens(self.tokenizer, texts, config.max_tokens)
+            self._texts[key] = evaluation_tokens(config, language, self.tokenizer, cache_dir)
         return self._texts[key]
+
+
+def evaluation_tokens(config: PerplexityConfig, language: str, tokenizer,
+                      cache_dir: Path | None = None) -> tuple[list[int], int]:
+    """A language's evaluation text as (token ids, UTF-8 bytes). Local text is read from its files; hub
+    text is streamed once and then read from `<cache_dir>/evaluation` (what `sweep prefetch` fills, so
+    an offline worker never streams it)."""
+    from engine.evaluate.text_cache import (evaluation_cache_path, read_evaluation_tokens,
+                                            write_evaluation_tokens)
+
+    if config.source.kind == "local":
+        texts = list(documents(config.source, get_language(language), seed=None))
+        return language_tokens(tokenizer, texts, config.max_tokens)
+    path = evaluation_cache_path(config.source, tokenizer, language, config.max_tokens, cache_dir)
+    if path is not None:
+        cached = read_evaluation_tokens(path)
+        if cached is not None:
+            return cached
+    ids, n_bytes = language_tokens(tokenizer, _first_documents(config, language, tokenizer), config.max_tokens)
+    if path is not None:
+        write_evaluation_tokens(path, ids, n_bytes, language)
+    return ids, n_bytes
 
 
 def _first_documents(config: PerplexityConfig, language: str, tokenizer) -> list[str]:
@@ -217,7 +239,7 @@ def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict, result: d
                                             dense_weight=loaded.snapshot.weight if errors else None,
                                             error_tokens=errors or 0)
         for lang in ev.languages:
-            ids, n_bytes = loaded.evaluation_tokens(ev.perplexity, lang)
+            ids, n_bytes = loaded.evaluation_tokens(ev.perplexity, lang, config.cache_dir)
             with collector.collect(lang) if collector else contextlib.nullcontext():
                 res = perplexity_of_tokens(loaded.model, loaded.tokenizer, ids, n_bytes, ev.perplexity.window,
                                            ev.batch_size)

@@ -111,6 +111,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _apply_cache_env(args.cache_dir)  # before any Hugging Face library reads its environment
+    if args.offline:
+        from sweep.prefetch import OFFLINE_ENV
+
+        os.environ.update(OFFLINE_ENV)  # HF_* and TRANSFORMERS_* reach every worker (sweep.ray_runtime)
+        _warn_offline_gaps(args.study)
     from sweep.env import apply_default_env
     from sweep.run import RunOptions, run_study
 
@@ -118,6 +124,82 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(out=args.out, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                          max_actors=args.max_actors, retry_failed=args.retry_failed, progress=not args.no_progress)
     return run_study(args.study, options).code
+
+
+def _apply_cache_env(cache_dir: str | None) -> None:
+    if cache_dir:
+        from sweep.prefetch import cache_env
+
+        os.environ.update(cache_env(cache_dir))
+
+
+def _warn_offline_gaps(study_path: str) -> None:
+    """`sweep run --offline`: hub models this machine's cache cannot serve (workers elsewhere may have them)."""
+    from sweep.prefetch import offline_gaps
+
+    try:
+        study = _load(study_path)
+    except StudyInvalid:
+        return  # run_study reports it
+    for gap in offline_gaps(study):
+        print(f"warning: --offline: {gap}; `sweep prefetch {study_path}` fetches it (on every node: --each-node)",
+              file=sys.stderr)
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    _apply_cache_env(args.cache_dir)  # before any Hugging Face library reads its environment
+    try:
+        study = _load(args.study)
+        plan = expand(study)
+    except StudyInvalid as err:
+        return report_invalid(err)
+    _print_warnings(study)
+    from sweep import prefetch
+
+    if args.each_node and not args.address:
+        print("error: --each-node: no Ray cluster to run on; give --address or set RAY_ADDRESS (without "
+              "--each-node the prefetch runs here, into this machine's or a shared cache); nothing was fetched",
+              file=sys.stderr)
+        return EXIT_INVALID
+    work = prefetch.plan_prefetch(study, plan, out=args.out)
+    if not args.each_node:  # on --each-node every node checks its own caches
+        problems = prefetch.cache_problems(work)
+        if problems:
+            for what, problem in problems:
+                print(f"error: {'--cache-dir' if args.cache_dir else what}: cannot write {problem}", file=sys.stderr)
+            print("nothing was fetched or written", file=sys.stderr)
+            return EXIT_INVALID
+    progress = sys.stderr if args.json else sys.stdout
+    print(f"prefetch {study.name}: {len(work.models)} model(s), {len(work.calibration)} calibration set(s), "
+          f"{len(work.evaluation)} evaluation text(s), {len(work.tasks)} lm-eval task(s)"
+          + ("; dry run: nothing is fetched or written" if args.dry_run else ""), file=progress, flush=True)
+    if args.each_node:
+        results = prefetch.prefetch_each_node(work, args.address, dry_run=args.dry_run,
+                                              on_node=lambda node: print(node.describe(), file=progress, flush=True))
+    else:
+        results = [prefetch.run_prefetch(work, dry_run=args.dry_run,
+                                         on_item=lambda item: print(prefetch.format_item(item), file=progress,
+                                                                    flush=True))]
+    ok = all(node.ok for node in results)
+    if args.json:
+        print(json.dumps({"study": study.name, "dry_run": args.dry_run, "ok": ok,
+                          "nodes": [node.as_dict() for node in results]}, indent=2, default=str))
+    elif not args.each_node:
+        print(prefetch.format_summary(results[0]))
+    failures = [(node, item) for node in results for item in node.failures]
+    if failures or any(node.error for node in results):
+        print(f"{len(failures) + sum(1 for n in results if n.error)} failure(s):", file=sys.stderr)
+        for node in results:
+            where = f"{node.host}: " if args.each_node else ""
+            if node.error:
+                print(f"  error: {where}node task failed: {node.error}", file=sys.stderr)
+            for item in node.failures:
+                print(f"  error: {where}{item.error}", file=sys.stderr)
+    elif not args.dry_run and not args.json:
+        flags = "".join(f" {flag} {value}" for flag, value in (("--out", args.out), ("--cache-dir", args.cache_dir))
+                        if value)
+        print(f"ready: sweep run {args.study}{flags} --offline")
+    return EXIT_OK if ok else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -170,7 +252,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-actors", type=int, help="at most this many worker actors (overrides execution.max_actors)")
     p.add_argument("--retry-failed", action="store_true", help="run again the trials that failed in earlier runs")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--offline", action="store_true",
+                   help="no hub access: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 here and on every worker "
+                        "(after `sweep prefetch`)")
+    p.add_argument("--cache-dir", help="the caches `sweep prefetch --cache-dir` filled (sets HF_HUB_CACHE, "
+                                       "HF_DATASETS_CACHE, SWEEP_CACHE_DIR under it, here and on the workers)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("prefetch", help="fetch models, calibration windows, evaluation text and lm-eval data "
+                                        "into the caches the trials read, before the sweep")
+    p.add_argument("study")
+    p.add_argument("--out", help="the study directory `sweep run` will use (its cache/ holds the calibration "
+                                 "windows); default: execution.output_dir")
+    p.add_argument("--cache-dir", help="put the hub, datasets and sweep caches under this folder (sets "
+                                       "HF_HUB_CACHE, HF_DATASETS_CACHE, SWEEP_CACHE_DIR); give `sweep run` the same")
+    p.add_argument("--each-node", action="store_true",
+                   help="prefetch on every alive node of the Ray cluster (--address / $RAY_ADDRESS) into its "
+                        "own caches; without it, here (a shared file system cache serves every node)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or None,
+                   help="Ray cluster for --each-node (default $RAY_ADDRESS)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be fetched or built; no network")
+    p.add_argument("--json", action="store_true", help="machine-readable result on stdout (progress on stderr)")
+    p.set_defaults(func=cmd_prefetch)
 
     p = sub.add_parser("status", help="summary of a study directory, running or stopped")
     p.add_argument("directory")

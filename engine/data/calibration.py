@@ -98,6 +98,16 @@ def calibration_cache_key(tokenizer_id: str, source_identity: dict, weights: Seq
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def calibration_cache_path(source, tokenizer, weights: Sequence[tuple[str, float]], request: WindowRequest,
+                           cache_dir: Path | None, source_fingerprint: str | None = None) -> Path | None:
+    """Where `calibration_set` keeps (and looks for) these windows under `cache_dir`; None without a cache."""
+    if cache_dir is None:
+        return None
+    identity = {**source.identity(), "content": source_fingerprint}
+    key = calibration_cache_key(tokenizer_fingerprint(tokenizer), identity, weights, request)
+    return Path(cache_dir) / "calibration" / f"{key}.safetensors"
+
+
 def calibration_set(source, tokenizer, weights: Sequence[tuple[str, float]], request: WindowRequest,
                     cache_dir: Path | None = None, source_fingerprint: str | None = None) -> torch.Tensor:
     """(samples, seq_len) calibration token ids for a language or mixture, from the cache when present.
@@ -108,9 +118,8 @@ def calibration_set(source, tokenizer, weights: Sequence[tuple[str, float]], req
     from engine.data.sources import documents
     from engine.languages import get_language
 
-    identity = {**source.identity(), "content": source_fingerprint}
-    key = calibration_cache_key(tokenizer_fingerprint(tokenizer), identity, weights, request)
-    path = Path(cache_dir) / "calibration" / f"{key}.safetensors" if cache_dir is not None else None
+    path = calibration_cache_path(source, tokenizer, weights, request, cache_dir, source_fingerprint)
+    key = path.stem if path is not None else None
     if path is not None and path.is_file():
         cached = _read_cached(path)
         if cached is not None and tuple(cached.shape) == (request.samples, request.seq_len):
