@@ -293,8 +293,10 @@ class Scheduler:
                 slot.job = job
                 self._run_on(slot)
             else:
-                self._attempt_failed(job, where, f"loading {job.model} failed: {reply.get('error')}",
-                                     reply.get("traceback", ""), seconds, reply.get("retryable", True))
+                why = f"loading {job.model} failed: {reply.get('error')}"
+                self._attempt_failed(job, where, why, reply.get("traceback", ""), seconds, reply.get("retryable", True))
+                if reply.get("model_fatal"):  # the model cannot load on such an actor: no trial of it can run
+                    self._give_up_queued([job.model], why)
             return
         if reply.get("ok"):
             self.counters.finished += 1
@@ -334,16 +336,19 @@ class Scheduler:
             why = (f"unschedulable: no live node can hold an actor of {shape.describe()} ({largest_node(shape)}); "
                    f"waited {limit:g} s for one. Lower the model's gpus, or add nodes that large.")
             self.emit({"event": "unschedulable", "shape": shape.describe(), "error": why})
-            for model, queue in self.queues.items():
-                if self.shapes[model] != shape:
-                    continue
-                while queue:
-                    job = queue.popleft()
-                    job.attempts += 1
-                    self.counters.failed += 1
-                    self.emit({"event": "failed", "key": job.key, "name": job.name, "model": job.model,
-                               "attempt": job.earlier_attempts + job.attempts, "final": True, "error": why,
-                               "traceback": "", "seconds": 0.0})
+            self._give_up_queued([m for m in self.queues if self.shapes[m] == shape], why)
+
+    def _give_up_queued(self, models: list[str], why: str) -> None:
+        """Fails, without running them, every queued trial of `models`."""
+        for model in models:
+            queue = self.queues[model]
+            while queue:
+                job = queue.popleft()
+                job.attempts += 1
+                self.counters.failed += 1
+                self.emit({"event": "failed", "key": job.key, "name": job.name, "model": job.model,
+                           "attempt": job.earlier_attempts + job.attempts, "final": True, "error": why,
+                           "traceback": "", "seconds": 0.0})
 
     def _check_timeouts(self) -> None:
         self._check_placement()

@@ -24,7 +24,7 @@ def text_source(study: Study, source: TextSource) -> TextSourceConfig:
 def model_source(study: Study, index: int, device: str = "cpu") -> ModelSource:
     spec = study.spec.models[index]
     name = spec.hub if spec.hub is not None else str(study.model_paths[index])
-    return ModelSource(name, spec.revision, spec.dtype, spec.trust_remote_code, device)
+    return ModelSource(name, spec.revision, spec.dtype, spec.trust_remote_code, device, gpus=max(1, spec.gpus))
 
 
 def resolved_tasks(study: Study) -> list[TaskConfig]:

@@ -106,8 +106,11 @@ class ModelWorker:
                 reply["loaded"] = True
             reply["ok"] = True
         except Exception as err:  # noqa: BLE001
+            from engine.placement import ModelDoesNotFit
+
+            fatal = isinstance(err, (DeviceUnavailable, ModelDoesNotFit))
             reply.update(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(),
-                         retryable=not isinstance(err, DeviceUnavailable))
+                         retryable=not fatal, model_fatal=fatal)
         reply["model"] = self.model_id
         reply["seconds"] = time.perf_counter() - started
         return reply
@@ -130,12 +133,13 @@ class ModelWorker:
             reply["result"] = self._run_trial(task, device)
             reply["ok"] = True
         except Exception as err:  # noqa: BLE001 - every failure goes back to the driver as data
+            from engine.placement import ModelDoesNotFit
             from engine.trial import TrialFailed
 
             reply["error"] = f"{type(err).__name__}: {err}"
             reply["traceback"] = traceback.format_exc()
             # A result that is not usable (non-finite perplexity) will not change on a retry.
-            reply["retryable"] = not isinstance(err, (TrialFailed, DeviceUnavailable))
+            reply["retryable"] = not isinstance(err, (TrialFailed, DeviceUnavailable, ModelDoesNotFit))
             self._check_dense_weights()
         reply["model"] = self.model_id
         reply["seconds"] = time.perf_counter() - started
@@ -160,7 +164,8 @@ class ModelWorker:
         self._free()
         loaded = load(dataclasses.replace(source, device=device))
         self.loaded, self.model_id = loaded, model_id
-        return {"seconds": loaded.seconds, "device": device}
+        devices = sorted({str(p.device) for p in loaded.model.parameters()})
+        return {"seconds": loaded.seconds, "device": device, "devices": devices}
 
     def _free(self) -> None:
         if self.loaded is None:

@@ -47,9 +47,9 @@ def windows_of(token_ids: Sequence[int], window: int, prefix_id: int) -> list[li
 def window_nll(model: torch.nn.Module, batch: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL (nats) per row, counting only positions whose target is a real token."""
     logits = model(input_ids=batch, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = batch[:, 1:]
+    targets = batch[:, 1:].to(logits.device)  # a model spread over GPUs may answer on its last one
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return (nll * attention_mask[:, 1:]).sum(dim=1)
+    return (nll * attention_mask[:, 1:].to(logits.device)).sum(dim=1)
 
 
 @torch.no_grad()

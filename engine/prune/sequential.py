@@ -7,7 +7,8 @@
    share one statistic); prune its linear layers; run it again so the next block sees pruned outputs;
    move it back.
 Only one block and the activations live on the working device, so a model larger than the accelerator
-can be pruned on it.
+can be pruned on it. A model already spread over several GPUs (engine.placement) is pruned block by
+block on the GPU that holds each block, the activations following the blocks from GPU to GPU.
 """
 from __future__ import annotations
 
@@ -146,6 +147,10 @@ class _StatisticsHooks:
             handle.remove()
 
 
+def devices_of(module: nn.Module) -> set[torch.device]:
+    return {p.device for p in module.parameters()}
+
+
 def _peak_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -166,8 +171,13 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
     prefix, blocks = find_decoder_layers(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if any(d.type == "meta" for d in devices_of(blocks)):
+        raise ValueError("some decoder weights are offloaded (on the meta device): pruning changes weights in place "
+                         "and needs them all resident on a GPU or the CPU; load the model without offloading")
+    spread = len(devices_of(blocks)) > 1
+    for used in (devices_of(blocks) if spread else {device}):
+        if used.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(used)
     needs_inputs = pruner.needs_inputs or measure_error
     with_hessian = pruner.needs_hessian or measure_error
     for index, block in enumerate(blocks):
@@ -198,11 +208,14 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
     try:
         for index, block in enumerate(blocks):
             block_home = next(block.parameters()).device
-            block.to(device)
+            work = block_home if spread else device
+            block.to(work)
             linears = linear_layers(block, targets)
             hooks = None
             if needs_inputs:
-                hooks = _StatisticsHooks(linears, with_hessian, device, share_statistics)
+                if spread:
+                    inputs = [(move(args, work), move(kwargs, work)) for args, kwargs in inputs]
+                hooks = _StatisticsHooks(linears, with_hessian, work, share_statistics)
                 for (args, kwargs), token_mask in zip(inputs, token_masks):
                     hooks.new_forward(token_mask)
                     block(*args, **kwargs)
@@ -243,7 +256,8 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
         layers=reports,
         seconds=time.perf_counter() - started,
         calibration_tokens=tokens,
-        peak_accelerator_bytes=_peak_bytes(device),
+        peak_accelerator_bytes=max((_peak_bytes(d) or 0 for d in (devices_of(blocks) if spread else {device})),
+                                   default=0) or None,
         statistics_computed=statistics_computed,
         peak_statistics_bytes=peak_statistics_bytes,
         masks=masks,
