@@ -15,8 +15,9 @@ class DenseSnapshot:
         pin = torch.cuda.is_available()
         self._copies = {}
         for name, param in self._params.items():
-            copy = param.detach().to("cpu", copy=True)
-            self._copies[name] = copy.pin_memory() if pin else copy
+            # straight into page-locked memory: one copy, and restores run at full PCIe speed
+            copy = torch.empty(param.shape, dtype=param.dtype, device="cpu", pin_memory=pin)
+            self._copies[name] = copy.copy_(param.detach())
 
     @torch.no_grad()
     def restore(self) -> None:

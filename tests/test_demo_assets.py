@@ -160,7 +160,7 @@ def test_metadata_records_sources_and_figures(tiny):
         for split in SPLITS:
             counts = meta["corpus"][lang][split]
             assert counts["paragraphs"] > 0 and counts["chars"] > 0 and counts["tokens"] > 0
-    for name, model in meta["models"].items():
+    for model in meta["models"].values():
         assert model["parameters"] > 0 and model["training"]["tokens"] > 0
         assert set(model["heldout"]) == set(DEMO_LANGUAGES)
     assert meta["tokenizer"]["vocab_size"] == DemoRecipe.tiny().vocab_size

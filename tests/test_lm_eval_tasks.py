@@ -187,7 +187,7 @@ def test_run_tasks_in_memory(en_sw):
     assert en_sw["lm_eval_version"] == lm_tasks.lm_eval_version()
     json.dumps(en_sw, allow_nan=False)
     assert set(en_sw["tasks"]) == {task_name("en"), task_name("sw")}
-    for name, entry in en_sw["tasks"].items():
+    for entry in en_sw["tasks"].values():
         assert entry["kind"] == "task" and entry["requested"]
         assert entry["samples"] == LIMIT and entry["limit"] == LIMIT and entry["shots"] == 0
         assert entry["samples_total"] > LIMIT

@@ -6,7 +6,7 @@ import torch
 
 from engine.prune.masks import lowest_in_matrix, lowest_in_rows, lowest_n_of_m
 from engine.prune.pruners import make_pruner
-from engine.prune.sparsegpt_math import CholeskyError, sparsegpt_prune
+from engine.prune.sparsegpt_math import CholeskyError, sparsegpt_prune, sparsegpt_prune_columnwise
 from engine.prune.sparsity import parse_sparsity
 from engine.prune.statistics import InputStatistics, relative_output_error
 
@@ -121,6 +121,20 @@ def test_sparsegpt_matches_unblocked_obs(sparsity, blocksize):
     assert torch.allclose(out.weight.double(), ref_weight, atol=1e-4, rtol=1e-4)
     assert int(out.mask.sum()) == round(weight.numel() * sparsity.fraction)
     assert out.retries == 0 and out.dampening == 0.01
+
+
+@pytest.mark.parametrize("sparsity, blocksize, cols", [("0.5", 128, 200), ("0.7", 32, 96), ("2:4", 64, 136),
+                                                       ("1:4", 16, 64)])
+def test_fast_sparsegpt_equals_the_columnwise_algorithm(sparsity, blocksize, cols):
+    """The two-kernels-per-column loop against the step-by-step one: same masks, same weights (float32)."""
+    sparsity = parse_sparsity(sparsity)
+    weight = torch.randn(48, cols, generator=torch.Generator().manual_seed(3))
+    x = correlated_inputs(1024, cols, seed=4).float()
+    fast = sparsegpt_prune(weight, x.T @ x, sparsity, blocksize=blocksize)
+    slow = sparsegpt_prune_columnwise(weight, x.T @ x, sparsity, blocksize=blocksize)
+    assert torch.equal(fast.mask, slow.mask)
+    assert torch.allclose(fast.weight, slow.weight, atol=1e-5, rtol=1e-4)
+    assert bool((fast.weight[fast.mask] == 0).all())
 
 
 def test_sparsegpt_reconstructs_better_than_masking_alone():

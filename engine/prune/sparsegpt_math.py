@@ -56,6 +56,61 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, max_retries:
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity, blocksize: int = 128,
                     dampening: float = 0.01, max_retries: int = 4) -> SparseGPTOutput:
+    """Prunes `weight` (out, in) given the Hessian of its inputs (in, in). Same result as
+    `sparsegpt_prune_columnwise` (up to float rounding), with two kernels per column instead of eight:
+    a pruned column's own update leaves it at (almost exactly) zero, so it needs no separate write, and
+    the error is the column times a per-block factor (1 / [H^-1]_ii where pruned, 0 where kept). On a GPU
+    the per-column launches, not the arithmetic, bound this loop."""
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match a weight of {tuple(weight.shape)}")
+    if sparsity.is_nm:
+        check_nm(cols, sparsity.n, sparsity.m)
+        if blocksize % sparsity.m:
+            raise ValueError(f"blocksize {blocksize} must be a multiple of M={sparsity.m} for N:M pruning")
+    upper, damp, retries = inverse_hessian_factor(hessian, dampening, max_retries)
+    w = weight.detach().to(device=upper.device, dtype=torch.float32).clone()
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        width = end - start
+        # Column-major copies: each step below reads and writes whole columns.
+        block = w[:, start:end].t().contiguous()  # (width, rows)
+        u_block = upper[start:end, start:end]
+        u_diag = torch.diagonal(u_block)
+        errors = torch.empty_like(block)
+        block_mask = torch.zeros_like(block, dtype=torch.bool)
+        if not sparsity.is_nm:
+            k = exact_count(rows * end, sparsity.fraction) - exact_count(rows * start, sparsity.fraction)
+            if k:
+                # the same order as the column-wise version, which ranks the (rows, width) block row-major
+                saliency = (block.pow(2) / u_diag.pow(2).unsqueeze(1)).t().contiguous()
+                flat = torch.sort(saliency.flatten(), stable=True).indices[:k]
+                chosen = torch.zeros(rows * width, dtype=torch.bool, device=w.device)
+                chosen[flat] = True
+                block_mask = chosen.view(rows, width).t().contiguous()
+            factor = block_mask / u_diag.unsqueeze(1)  # (width, rows): 1/d where pruned, 0 where kept
+        else:
+            factor = torch.empty_like(block)
+        for i in range(width):
+            if sparsity.is_nm and i % sparsity.m == 0:
+                group = slice(i, i + sparsity.m)
+                saliency = (block[group].pow(2) / u_diag[group].pow(2).unsqueeze(1)).t()
+                block_mask[group] = lowest_n_of_m(saliency, sparsity.n, sparsity.m).t()
+                factor[group] = block_mask[group] / u_diag[group].unsqueeze(1)
+            torch.mul(block[i], factor[i], out=errors[i])
+            block[i:].addr_(u_block[i, i:], errors[i], alpha=-1.0)
+        w[:, start:end] = block.t()
+        mask[:, start:end] = block_mask.t()
+        w[:, end:] -= errors.t() @ upper[start:end, end:]
+    w[mask] = 0.0
+    return SparseGPTOutput(weight=w, mask=mask, dampening=damp, retries=retries)
+
+
+def sparsegpt_prune_columnwise(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity, blocksize: int = 128,
+                    dampening: float = 0.01, max_retries: int = 4) -> SparseGPTOutput:
+    """The algorithm as written in the paper, one column at a time with every step spelled out: the
+    reference `sparsegpt_prune` is tested against, and the "before" of benchmarks/sparsegpt_speed.py."""
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match a weight of {tuple(weight.shape)}")

@@ -5,6 +5,8 @@ constant factor, which neither method's result depends on).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -21,11 +23,25 @@ class InputStatistics:
         self.tokens += x.shape[0]
         self.sq_norms += x.pow(2).sum(dim=0)
         if self.hessian is not None:
-            self.hessian.addmm_(x.T, x)
+            # bf16 and fp16 values are exact in TF32 (8 and 10 mantissa bits against its 10), so on a GPU
+            # the products of half-precision activations lose nothing on tensor cores; the sums stay float32.
+            exact_in_tf32 = inputs.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cuda"
+            with _tf32(exact_in_tf32):
+                self.hessian.addmm_(x.T, x)
 
     def nbytes(self) -> int:
         total = self.sq_norms.numel() * 4
         return total + (self.hessian.numel() * 4 if self.hessian is not None else 0)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled or before
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def relative_output_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
