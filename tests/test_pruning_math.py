@@ -137,6 +137,25 @@ def test_fast_sparsegpt_equals_the_columnwise_algorithm(sparsity, blocksize, col
     assert bool((fast.weight[fast.mask] == 0).all())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
+def test_cuda_graph_replay_equals_the_eager_loop(sparsity):
+    from engine.prune import sparsegpt_math
+
+    sparsity = parse_sparsity(sparsity)
+    weight = torch.randn(300, 200, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    x = correlated_inputs(1024, 200, seed=4).float().cuda()
+    outputs = []
+    for graphs in (True, False, True):  # the second graphed run replays the graphs captured by the first
+        sparsegpt_math.CUDA_GRAPHS = graphs
+        try:
+            outputs.append(sparsegpt_prune(weight, x.T @ x, sparsity, blocksize=64))
+        finally:
+            sparsegpt_math.CUDA_GRAPHS = True
+    for out in outputs[1:]:
+        assert torch.equal(out.mask, outputs[0].mask) and torch.equal(out.weight, outputs[0].weight)
+
+
 def test_sparsegpt_reconstructs_better_than_masking_alone():
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(8))
     x = correlated_inputs(1024, 64, seed=9).float()

@@ -92,19 +92,61 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
             factor = block_mask / u_diag.unsqueeze(1)  # (width, rows): 1/d where pruned, 0 where kept
         else:
             factor = torch.empty_like(block)
-        for i in range(width):
-            if sparsity.is_nm and i % sparsity.m == 0:
-                group = slice(i, i + sparsity.m)
-                saliency = (block[group].pow(2) / u_diag[group].pow(2).unsqueeze(1)).t()
-                block_mask[group] = lowest_n_of_m(saliency, sparsity.n, sparsity.m).t()
-                factor[group] = block_mask[group] / u_diag[group].unsqueeze(1)
-            torch.mul(block[i], factor[i], out=errors[i])
-            block[i:].addr_(u_block[i, i:], errors[i], alpha=-1.0)
+        if block.device.type == "cuda" and CUDA_GRAPHS:
+            _graphed_column_updates(block, factor, u_block, errors, block_mask, sparsity)
+        else:
+            _column_updates(block, factor, u_block, errors, block_mask, sparsity)
         w[:, start:end] = block.t()
         mask[:, start:end] = block_mask.t()
         w[:, end:] -= errors.t() @ upper[start:end, end:]
     w[mask] = 0.0
     return SparseGPTOutput(weight=w, mask=mask, dampening=damp, retries=retries)
+
+
+CUDA_GRAPHS = True  # replay each block's column loop as one CUDA graph (set False to compare)
+
+
+def _column_updates(block: torch.Tensor, factor: torch.Tensor, u_block: torch.Tensor, errors: torch.Tensor,
+                    block_mask: torch.Tensor, sparsity: Sparsity) -> None:
+    """The sequential part of one block, in place: for each column i (row i of the column-major `block`),
+    its error and the update of the columns after it in the block. N:M masks are chosen here, from the
+    updated weights, at the first column of each group."""
+    u_diag = torch.diagonal(u_block)
+    for i in range(block.shape[0]):
+        if sparsity.is_nm and i % sparsity.m == 0:
+            group = slice(i, i + sparsity.m)
+            saliency = (block[group].pow(2) / u_diag[group].pow(2).unsqueeze(1)).t()
+            block_mask[group] = lowest_n_of_m(saliency, sparsity.n, sparsity.m).t()
+            factor[group] = block_mask[group] / u_diag[group].unsqueeze(1)
+        torch.mul(block[i], factor[i], out=errors[i])
+        block[i:].addr_(u_block[i, i:], errors[i], alpha=-1.0)
+
+
+_GRAPHS: dict[tuple, tuple] = {}
+
+
+def _graphed_column_updates(block: torch.Tensor, factor: torch.Tensor, u_block: torch.Tensor, errors: torch.Tensor,
+                            block_mask: torch.Tensor, sparsity: Sparsity) -> None:
+    """`_column_updates` as a CUDA graph captured once per (shape, sparsity, device) and replayed: the
+    loop launches 2-8 tiny kernels per column, and launching them, not running them, was its cost."""
+    key = (tuple(block.shape), block.device, sparsity.canonical())
+    if key not in _GRAPHS:
+        static = [t.clone() for t in (block, factor, u_block, errors, block_mask)]
+        side = torch.cuda.Stream(block.device)
+        side.wait_stream(torch.cuda.current_stream(block.device))
+        with torch.cuda.stream(side):
+            _column_updates(*static, sparsity)  # warm-up outside the graph, as capture requires
+        torch.cuda.current_stream(block.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _column_updates(*static, sparsity)
+        _GRAPHS[key] = (graph, static)
+    graph, static = _GRAPHS[key]
+    for target, value in zip(static, (block, factor, u_block, errors, block_mask)):
+        target.copy_(value)
+    graph.replay()
+    for value, result in zip((block, factor, errors, block_mask), (static[0], static[1], static[3], static[4])):
+        value.copy_(result)
 
 
 def sparsegpt_prune_columnwise(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity, blocksize: int = 128,
