@@ -9,7 +9,7 @@ bound (FLOPs done / seconds / peak FLOP/s).
 The model is random-init (no hub here) with Llama-3-8B's config; token ids are random. Neither changes
 the work done: same matrix shapes, same number of tokens. Peak FLOP/s is measured in the same run (a
 bf16 8192^3 matrix product) and the datasheet figure is given beside it. FLOP counts are for matrix
-products only (2 x m x n x k), written out per stage in `flops_*` below; elementwise work is left out,
+products only (2 x m x n x k), written out per stage in engine/flops.py; elementwise work is left out,
 so the fractions are upper bounds of what the stage could gain.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from engine import flops
 from engine.evaluate.perplexity import perplexity
 from engine.prune.pruners import make_pruner
 from engine.prune.sequential import prune_sequentially
@@ -55,33 +56,11 @@ def measured_peak_tflops(device: torch.device) -> float | None:
     return 10 * 2 * 8192**3 / (time.perf_counter() - started) / 1e12
 
 
-def linear_shapes(c: dict) -> list[tuple[int, int]]:
-    """(out, in) of one block's linear layers."""
+def dims(c: dict) -> flops.Dims:
     head_dim = c["hidden_size"] // c["num_attention_heads"]
-    h, kv, m = c["hidden_size"], c["num_key_value_heads"] * head_dim, c["intermediate_size"]
-    return [(h, h), (kv, h), (kv, h), (h, h), (m, h), (m, h), (h, m)]
-
-
-def flops_block_forward(c: dict, tokens: int, seq_len: int) -> float:
-    linear = sum(2 * o * i for o, i in linear_shapes(c)) * tokens
-    attention = 2 * 2 * tokens * seq_len / 2 * c["hidden_size"]  # QK^T and AV, causal half
-    return linear + attention
-
-
-def flops_pruning(c: dict, method: str, tokens: int, seq_len: int) -> float:
-    """Per model: each block runs twice over the calibration tokens (statistics, then the outputs the next
-    block sees); SparseGPT adds the Hessians (2 x tokens x in^2 per distinct input: q/k/v and gate/up
-    share theirs) and its updates (about 2 x out x in^2 per linear, the lazy-batch column updates)."""
-    per_block = 2 * flops_block_forward(c, tokens, seq_len)
-    if method == "sparsegpt":
-        h, m = c["hidden_size"], c["intermediate_size"]
-        per_block += 2 * tokens * (h * h * 3 + m * m)  # inputs: attention, o_proj, mlp, down_proj
-        per_block += sum(2 * o * i * i for o, i in linear_shapes(c))
-    return c["num_hidden_layers"] * per_block
-
-
-def flops_evaluation(c: dict, tokens: int, seq_len: int) -> float:
-    return c["num_hidden_layers"] * flops_block_forward(c, tokens, seq_len) + 2 * tokens * c["hidden_size"] * c["vocab_size"]
+    return flops.Dims(hidden=c["hidden_size"], intermediate=c["intermediate_size"], layers=c["num_hidden_layers"],
+                      q_width=c["num_attention_heads"] * head_dim, kv_width=c["num_key_value_heads"] * head_dim,
+                      vocab=c["vocab_size"])
 
 
 def build(config: dict, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -113,7 +92,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=262_144, help="per language")
     parser.add_argument("--languages", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
+    parser.add_argument("--methods", nargs="*", default=["wanda", "sparsegpt"])
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.tiny:
@@ -155,12 +134,12 @@ def main() -> None:
                                     batch_size=args.batch_size)
         sync(device)
         seconds = time.perf_counter() - started
-        flops = flops_pruning(config, method, tokens, args.seq_len)
-        rows.append((f"calibration + {method}", seconds, peak_gib(device), flops))
+        work = flops.pruning(dims(config), method, tokens, args.seq_len)
+        rows.append((f"calibration + {method}", seconds, peak_gib(device), work))
         started = time.perf_counter()
         snapshot.restore()
         out["restore_seconds"] = time.perf_counter() - started
-        out["stages"][method] = {"seconds": seconds, "peak_gib": peak_gib(device), "flops": flops,
+        out["stages"][method] = {"seconds": seconds, "peak_gib": peak_gib(device), "flops": work,
                                  "calibration_tokens": tokens, "statistics": report.statistics_computed,
                                  "extra_dampening": len(report.extra_dampening)}
 
@@ -174,16 +153,16 @@ def main() -> None:
     sync(device)
     seconds = time.perf_counter() - started
     eval_tokens = args.languages * args.eval_tokens
-    flops = flops_evaluation(config, eval_tokens, args.seq_len)
-    rows.append((f"perplexity, {args.languages} languages", seconds, peak_gib(device), flops))
-    out["stages"]["perplexity"] = {"seconds": seconds, "peak_gib": peak_gib(device), "flops": flops,
+    work = flops.evaluation(dims(config), eval_tokens, args.seq_len)
+    rows.append((f"perplexity, {args.languages} languages", seconds, peak_gib(device), work))
+    out["stages"]["perplexity"] = {"seconds": seconds, "peak_gib": peak_gib(device), "flops": work,
                                    "tokens": eval_tokens, "tokens_per_second": eval_tokens / seconds,
                                    "finite": bool(result.token_perplexity == result.token_perplexity)}
 
     print(f"{'stage':<28} {'seconds':>8} {'peak GiB':>9} {'TFLOP':>8} {'TFLOP/s':>8} {'of measured':>11} {'of datasheet':>12}")
-    for label, seconds, gib, flops in rows:
-        rate = flops / seconds / 1e12
-        print(f"{label:<28} {seconds:>8.1f} {gib or 0:>9.1f} {flops / 1e12:>8.0f} {rate:>8.1f} "
+    for label, seconds, gib, work in rows:
+        rate = work / seconds / 1e12
+        print(f"{label:<28} {seconds:>8.1f} {gib or 0:>9.1f} {work / 1e12:>8.0f} {rate:>8.1f} "
               f"{(rate / peak if peak else 0):>10.1%} {(rate / datasheet if datasheet else 0):>11.1%}")
     out["restore_seconds"] = out.get("restore_seconds")
     if args.json:

@@ -60,15 +60,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan_as_dict(plan), indent=2))
     else:
         print(format_plan(plan, show_trials=not args.summary and not args.estimate))
+    if args.estimate and (args.gpu_tflops <= 0 or args.gpu_memory_gib <= 0):
+        print("error: --gpu-tflops and --gpu-memory-gib must be positive (one GPU's bf16 peak and memory)",
+              file=sys.stderr)
+        return EXIT_INVALID
     if args.estimate:
-        from sweep.estimate import format_estimates, study_estimates
+        from sweep.estimate import format_estimates, format_time_estimates, study_estimates, study_time_estimates
 
         try:
             table, problems = format_estimates(study_estimates(study), args.gpu_memory_gib)
+            times = format_time_estimates(study_time_estimates(study, plan.trials, args.gpu_tflops), args.gpu_tflops)
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_INVALID
         print(table)
+        print(times)
         for problem in problems:
             print(f"warning: {problem}", file=sys.stderr)
     return EXIT_OK
@@ -240,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", action="store_true", help="counts only, no trial list")
     p.add_argument("--estimate", action="store_true", help="parameters and GPU memory per worker actor")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU, for --estimate")
+    p.add_argument("--gpu-tflops", type=float, default=989.0,
+                   help="one GPU's dense bf16 peak in TFLOP/s, for --estimate (989: H100 SXM; A100 312, L40S 362)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run what is left of a study on Ray (embedded, or a cluster with --address)")

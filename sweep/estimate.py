@@ -5,10 +5,15 @@ time; evaluation runs whole windows):
 - pruning: the block's calibration inputs and outputs (samples x seq_len x hidden, in the model's dtype),
   plus for SparseGPT the float32 Hessian of the widest linear input, its Cholesky inverse and a
   workspace (3 x in^2 x 4 bytes);
-- evaluation: a batch of windows' logits in float32 and their log-probabilities (2 x batch x window x
-  vocab x 4 bytes).
-Activations inside a block and the CUDA context are not counted: keep 10-20% headroom. GPU-hours are
-not estimated until issue 9 measures GPU throughput.
+- evaluation: a batch of windows' logits in the model's dtype, and one window's logits and
+  log-probabilities in float32 (batch x window x vocab x dtype bytes + 2 x window x vocab x 4 bytes).
+Activations inside a block and the CUDA context are not counted: keep 10-20% headroom.
+
+Time is each stage's matrix-product FLOPs (engine/flops.py) over the rate benchmarks/gpu_trial.py
+achieved for that stage on one H100 (MEASURED below), scaled by the GPU's bf16 peak over the H100's.
+A model spread over several GPUs runs one block at a time, so it takes as long as on one fast enough
+GPU while holding all of its GPUs: GPU-hours are seconds x gpus. Not included: lm-eval tasks (their
+cost depends on each task's data), model loads (once per actor and model) and queueing.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine import flops
 from sweep.study import Study
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -57,6 +63,11 @@ class ModelShape:
         return embeddings + self.layers * self.block_parameters + self.hidden  # final norm
 
     @property
+    def dims(self) -> flops.Dims:
+        return flops.Dims(hidden=self.hidden, intermediate=self.intermediate, layers=self.layers,
+                          q_width=self.heads * self.head_dim, kv_width=self.kv_heads * self.head_dim, vocab=self.vocab)
+
+    @property
     def widest_input(self) -> int:
         return max(self.hidden, self.intermediate, self.heads * self.head_dim)
 
@@ -80,7 +91,7 @@ def estimate_memory(label: str, shape: ModelShape, dtype: str, gpus: int, sample
     size = DTYPE_BYTES[dtype]
     calibration = 2 * samples * seq_len * shape.hidden * size
     hessian = 3 * shape.widest_input**2 * 4 if sparsegpt else shape.widest_input * 8
-    evaluation = 2 * batch * window * shape.vocab * 4
+    evaluation = batch * window * shape.vocab * size + 2 * window * shape.vocab * 4
     return MemoryEstimate(label, shape.parameters, gpus, shape.parameters * size / GIB,
                           (calibration + hessian) / GIB, evaluation / GIB)
 
@@ -129,3 +140,91 @@ def format_estimates(estimates: list[MemoryEstimate], gpu_memory_gib: float) -> 
             problems.append(f"{e.model}: {e.weights_gib / e.gpus:.0f} GiB of weights per GPU plus a {working:.0f} GiB "
                             f"working set exceed one {gpu_memory_gib:g} GiB GPU with gpus: {e.gpus}; {advice}")
     return "\n".join(lines), problems
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Rates achieved per stage, in matrix-product TFLOP/s, and where they were measured."""
+    source: str
+    datasheet_tflops: float
+    calibration: dict  # method -> TFLOP/s of calibration + pruning
+    perplexity: float
+
+
+# benchmarks/gpu_trial.py, 2026-11-24: Llama-3-8B shapes in bf16, 128 x 2048 calibration tokens, 7 x 262,144
+# evaluation tokens in windows of 2048, batch 8 (reports/gpu/gpu_trial_after.json, reports/benchmarks.md).
+MEASURED = Throughput(source="benchmarks/gpu_trial.py on one NVIDIA H100 80GB HBM3 (reports/gpu/gpu_trial_after.json)",
+                      datasheet_tflops=989.0, calibration={"wanda": 406.5, "sparsegpt": 218.1}, perplexity=367.1)
+MAGNITUDE_SECONDS_PER_BILLION = 0.5  # sorting weights: no calibration; a bound, not a measurement
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    model: str
+    gpus: int
+    trials: dict  # method ("dense" for the baseline) -> trial count
+    seconds: dict  # method -> seconds per trial
+    evaluation_known: bool  # False when evaluation.perplexity.max_tokens is unset (time then excludes it)
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(self.trials[m] * self.seconds[m] for m in self.trials) * self.gpus / 3600
+
+
+def trial_seconds(shape: ModelShape, method: str | None, calibration_tokens: int, seq_len: int,
+                  evaluation_tokens: int, window: int, gpu_tflops: float,
+                  measured: Throughput = MEASURED) -> float:
+    """Seconds for one trial (`method` None: the dense baseline, evaluation only)."""
+    scale = gpu_tflops / measured.datasheet_tflops
+    seconds = flops.evaluation(shape.dims, evaluation_tokens, window) / (measured.perplexity * scale * 1e12)
+    if method == "magnitude":
+        seconds += MAGNITUDE_SECONDS_PER_BILLION * shape.parameters / 1e9
+    elif method is not None:
+        rate = measured.calibration.get(method, min(measured.calibration.values()))
+        seconds += flops.pruning(shape.dims, method, calibration_tokens, seq_len) / (rate * scale * 1e12)
+    return seconds
+
+
+def study_time_estimates(study: Study, trials, gpu_tflops: float) -> list[TimeEstimate]:
+    """Per model: trials by method and seconds per trial, for the planned `trials` (sweep.grid.TrialSpec)."""
+    spec = study.spec
+    methods = {p.label: p.method for p in spec.pruners}
+    perplexity = spec.evaluation.perplexity
+    window = perplexity.window if perplexity else spec.calibration.seq_len
+    per_language = perplexity.max_tokens if perplexity and perplexity.max_tokens else 0
+    evaluation_tokens = per_language * len(spec.evaluation.languages)
+    calibration_tokens = spec.calibration.samples * spec.calibration.seq_len
+    out = []
+    for i, model in enumerate(spec.models):
+        shape = ModelShape.from_config(model_config(study, i))
+        counts: dict[str, int] = {}
+        for trial in trials:
+            if trial.model_index == i:
+                method = "dense" if trial.is_dense else methods[trial.pruner_label]
+                counts[method] = counts.get(method, 0) + 1
+        seconds = {m: trial_seconds(shape, None if m == "dense" else m, calibration_tokens, spec.calibration.seq_len,
+                                    evaluation_tokens, window, gpu_tflops) for m in counts}
+        out.append(TimeEstimate(model.label, model.gpus, counts, seconds,
+                                perplexity is None or perplexity.max_tokens is not None))
+    return out
+
+
+def format_time_estimates(estimates: list[TimeEstimate], gpu_tflops: float, measured: Throughput = MEASURED) -> str:
+    rates = ", ".join(f"{m} {r:g}" for m, r in measured.calibration.items())
+    lines = [f"  time on GPUs of {gpu_tflops:g} bf16 TFLOP/s (lm-eval tasks, model loads and queueing not included):",
+             f"    rates: {measured.source}: calibration + {rates}, perplexity {measured.perplexity:g} TFLOP/s achieved,",
+             f"    scaled by {gpu_tflops:g}/{measured.datasheet_tflops:g}",
+             f"    {'model':<24} {'gpus':>4} {'trials':>6}  {'seconds per trial':<44} {'GPU-hours':>9}"]
+    total = 0.0
+    for e in estimates:
+        if e.gpus == 0:
+            lines.append(f"    {e.model:<24} {'cpu':>4} {sum(e.trials.values()):>6}  (runs on CPU: GPU rates do not apply)")
+            continue
+        per_trial = ", ".join(f"{m} {e.seconds[m]:,.0f}" if e.seconds[m] >= 10 else f"{m} {e.seconds[m]:.2g}"
+                              for m in sorted(e.trials))
+        lines.append(f"    {e.model:<24} {e.gpus:>4} {sum(e.trials.values()):>6}  {per_trial:<44} {e.gpu_hours:>9.1f}")
+        if not e.evaluation_known:
+            lines.append("      (evaluation.perplexity.max_tokens is unset: evaluation time not included)")
+        total += e.gpu_hours
+    lines.append(f"    {'total':<24} {'':>4} {sum(sum(e.trials.values()) for e in estimates):>6}  {'':<44} {total:>9.1f}")
+    return "\n".join(lines)

@@ -42,3 +42,68 @@ def test_memory_warnings():
     squeezed = estimate_memory("llama3-70b", shape, "bfloat16", 1, 128, 2048, 2048, 8, sparsegpt=True)
     table, problems = format_estimates([squeezed], 80)
     assert "70,553,706,496" in table and "raise its gpus to 3" in problems[0]
+
+
+def test_time_per_trial_reproduces_the_gpu_benchmark_it_comes_from():
+    """The rates in sweep.estimate.MEASURED, put through engine.flops, give back the seconds that
+    benchmarks/gpu_trial.py measured (its recorded result), for every stage."""
+    import json
+    from pathlib import Path
+
+    from sweep.estimate import MEASURED, trial_seconds
+
+    run = json.loads((Path(__file__).parent.parent / "reports/gpu/gpu_trial_after.json").read_text())
+    assert run["device"] in MEASURED.source
+    shape = ModelShape.from_config({**LLAMA3_8B, "vocab_size": run["config"]["vocab_size"]})
+    tokens = run["samples"] * run["seq_len"]
+    evaluation = run["eval_tokens_per_language"] * run["languages"]
+    dense = trial_seconds(shape, None, tokens, run["seq_len"], evaluation, run["seq_len"], 989.0)
+    assert dense == pytest.approx(run["stages"]["perplexity"]["seconds"], rel=0.01)
+    for method in ("wanda", "sparsegpt"):
+        seconds = trial_seconds(shape, method, tokens, run["seq_len"], evaluation, run["seq_len"], 989.0)
+        assert seconds - dense == pytest.approx(run["stages"][method]["seconds"], rel=0.01), method
+    # half the GPU's peak: twice the time
+    slow = trial_seconds(shape, "wanda", tokens, run["seq_len"], evaluation, run["seq_len"], 989.0 / 2)
+    fast = trial_seconds(shape, "wanda", tokens, run["seq_len"], evaluation, run["seq_len"], 989.0)
+    assert slow == pytest.approx(2 * fast)
+
+
+def test_plan_estimate_gives_gpu_hours_per_model(tmp_path, capsys):
+    """A kurz2024-like grid on a local Llama-3-8B config: trials counted per method, GPU-hours = trials x
+    seconds x gpus, and bad --gpu-tflops refused."""
+    import json
+
+    import yaml
+
+    from sweep.cli import main
+    from sweep.estimate import study_time_estimates
+    from sweep.grid import expand
+    from sweep.study import load_study
+
+    folder = tmp_path / "llama3-8b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**LLAMA3_8B, "architectures": ["LlamaForCausalLM"]}))
+    text = tmp_path / "text"
+    for lang in ("en", "de"):
+        (text / lang).mkdir(parents=True)
+        (text / lang / "a.txt").write_text("words " * 1000)
+    study = {"name": "sizing", "models": [{"name": "l8", "path": str(folder), "gpus": 2}],
+             "calibration": {"source": {"kind": "local", "path": str(text)}, "languages": ["en", "de"],
+                             "samples": 128, "seq_len": 2048, "seeds": [0, 1]},
+             "pruners": [{"method": "wanda", "sparsity": [0.5, "2:4"]}, {"method": "sparsegpt", "sparsity": 0.5}],
+             "evaluation": {"languages": ["en", "de"],
+                            "perplexity": {"source": {"kind": "local", "path": str(text)}, "window": 2048,
+                                           "max_tokens": 262144}}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    loaded = load_study(path)
+    [estimate] = study_time_estimates(loaded, expand(loaded).trials, 989.0)
+    assert estimate.trials == {"dense": 1, "wanda": 8, "sparsegpt": 4}
+    assert estimate.seconds["sparsegpt"] > estimate.seconds["wanda"] > estimate.seconds["dense"] > 0
+    expected = sum(estimate.trials[m] * estimate.seconds[m] for m in estimate.trials) * 2 / 3600
+    assert estimate.gpu_hours == pytest.approx(expected)
+    assert main(["plan", str(path), "--estimate", "--gpu-memory-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU-hours" in out and "l8" in out and f"{expected:.1f}" in out
+    assert main(["plan", str(path), "--estimate", "--gpu-tflops", "0"]) == 2
+    assert "--gpu-tflops" in capsys.readouterr().err
