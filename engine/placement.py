@@ -42,7 +42,7 @@ def split_contiguous(sizes: list[ModuleSize], capacities: list[int], first: list
         raise ModelDoesNotFit(
             f"{label} needs {_size(total)} for its weights; its {n} GPU(s) can hold "
             f"{_size(sum(capacities))} of weights ({WEIGHT_SHARE:.0%} of their memory, the rest is kept "
-            "for activations): give the model more gpus in the study file")
+            "for activations): give the model more gpus (or an accelerator_type with larger GPUs) in the study file")
     fixed = [0] * n
     fixed[0] += sum(by_name[name] for name in first)
     fixed[-1] += sum(by_name[name] for name in last)
@@ -65,7 +65,7 @@ def split_contiguous(sizes: list[ModuleSize], capacities: list[int], first: list
     if best is None:
         raise ModelDoesNotFit(
             f"{label}: its weights ({_size(total)}) cannot be split into contiguous blocks over {n} GPU(s) of "
-            f"{_size(min(capacities))} for weights each: give the model more gpus in the study file")
+            f"{_size(min(capacities))} for weights each: give the model more gpus (or an accelerator_type with larger GPUs) in the study file")
     while low < high:  # bisect the largest load a device may carry
         middle = (low + high) // 2
         trial = fill(middle)

@@ -295,7 +295,8 @@ def build_jobs(study: Study, todo: list[TrialSpec], state, store: StudyStore):
     # their own machine's cache.
     cache_dir = store.location.local_path("cache") if store.is_local else None
     log_dir = str(store.location.local_path("logs")) if store.is_local else None
-    shapes = {m.label: Shape(gpus=m.gpus, cpus=execution.cpus_per_actor) for m in study.spec.models}
+    shapes = {m.label: Shape(gpus=m.gpus, cpus=execution.cpus_per_actor, accelerator=m.accelerator_type)
+              for m in study.spec.models}
     sources = {i: model_source(study, i) for i in range(len(study.spec.models))}
     jobs = []
     for trial in todo:

@@ -32,9 +32,11 @@ from ray.exceptions import RayActorError, RayTaskError
 class Shape:
     gpus: float
     cpus: float
+    accelerator: str | None = None  # Ray accelerator type (H100, A10G, ...) the GPUs must be
 
     def describe(self) -> str:
-        return f"{self.gpus:g} GPU + {self.cpus:g} CPU" if self.gpus else f"{self.cpus:g} CPU"
+        gpus = f"{self.gpus:g} {self.accelerator} GPU" if self.accelerator else f"{self.gpus:g} GPU"
+        return f"{gpus} + {self.cpus:g} CPU" if self.gpus else f"{self.cpus:g} CPU"
 
 
 @dataclass
@@ -194,6 +196,8 @@ class Scheduler:
     def _start_actor(self, shape: Shape) -> _Slot:
         options = {**self.actor_options, "num_cpus": shape.cpus, "num_gpus": shape.gpus, "max_restarts": 0,
                    "max_task_retries": 0}
+        if shape.accelerator:
+            options["accelerator_type"] = shape.accelerator
         handle = self.actor_class.options(**options).remote()
         self._next_id += 1
         slot = _Slot(id=self._next_id, handle=handle, shape=shape, info_ref=handle.info.remote())
@@ -372,6 +376,8 @@ def cluster_capacity(shape: Shape) -> int:
 
 
 def node_capacity(resources: dict, shape: Shape) -> int:
+    if shape.accelerator and not resources.get(f"accelerator_type:{shape.accelerator}"):
+        return 0
     fits = []
     if shape.gpus:
         fits.append(int(resources.get("GPU", 0) // shape.gpus))
@@ -383,8 +389,15 @@ def node_capacity(resources: dict, shape: Shape) -> int:
 def largest_node(shape: Shape) -> str:
     """The biggest live node, in the resource the shape is short of (for error messages)."""
     key = "GPU" if shape.gpus else "CPU"
-    most = max((float((n.get("Resources") or {}).get(key, 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
-    return f"the largest live node has {most:g} {key}s"
+    nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+    if shape.accelerator:
+        typed = [r for r in nodes if r.get(f"accelerator_type:{shape.accelerator}")]
+        if not typed:
+            return f"no live node has {shape.accelerator} GPUs"
+        nodes = typed
+    most = max((float(r.get(key, 0)) for r in nodes), default=0.0)
+    kind = f"{shape.accelerator} " if shape.accelerator else ""
+    return f"the largest live {kind}node has {most:g} {key}s"
 
 
 def _first_line(err: BaseException) -> str:

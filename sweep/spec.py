@@ -28,6 +28,9 @@ class ModelSpec(Strict):
     revision: StrictStr | None = Field(None, description="hub commit, branch or tag; pin a commit for reproducibility")
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     gpus: StrictInt = Field(1, ge=0, le=64, description="GPUs per model replica; 0 runs on CPU")
+    accelerator_type: StrictStr | None = Field(
+        None, description="Ray accelerator type the model's actors must run on (H100, A100-80G, A10G, L4, ...): "
+                          "keeps a large model off nodes whose GPUs are too small")
     max_seq_len: StrictInt = Field(2048, gt=0, le=1_048_576)
     trust_remote_code: StrictBool = False
 

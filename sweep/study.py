@@ -209,6 +209,14 @@ class _Checker:
                 if model.label in seen_label:
                     self.fail(join_path(where, "name"), f"label {model.label!r} is already used by models[{seen_label[model.label]}]; give each model a distinct name")
                 seen_label.setdefault(model.label, i)
+            if model.accelerator_type is not None:
+                if model.gpus == 0:
+                    self.fail(join_path(where, "accelerator_type"), "needs gpus of 1 or more (gpus: 0 runs on CPU)")
+                elif model.accelerator_type not in known_accelerator_types():
+                    self.warn(join_path(where, "accelerator_type"),
+                              f"{model.accelerator_type!r} is not an accelerator type Ray detects by itself "
+                              f"(e.g. {', '.join(sorted(known_accelerator_types())[:8])}, ...); its actors will only "
+                              "start on nodes started with that resource (accelerator_type:NAME)")
             for what, needed in (("calibration.seq_len", self.spec.calibration.seq_len),
                                  ("evaluation.perplexity.window", self.spec.evaluation.perplexity.window if self.spec.evaluation.perplexity else 0)):
                 if needed > model.max_seq_len:
@@ -447,3 +455,12 @@ class _Checker:
         for name in names:
             if name != "study":
                 self.fail("execution.output_dir", f"unknown placeholder {{{name}}}; only {{study}} is allowed")
+
+
+def known_accelerator_types() -> set[str]:
+    """The accelerator types Ray detects and advertises as `accelerator_type:<name>` resources."""
+    try:
+        from ray.util.accelerators import accelerators
+    except ImportError:  # validation without Ray installed: accept anything
+        return set()
+    return {v for k, v in vars(accelerators).items() if k.isupper() and isinstance(v, str)}

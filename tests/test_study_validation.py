@@ -268,3 +268,24 @@ def test_language_a_benchmark_lacks_is_reported_missing(tmp_path, hub_study, cap
     loaded = load_study(write_study(tmp_path, study, "again.yaml"))
     assert {(r.language, r.name) for r in loaded.tasks} == {("en", "xstorycloze_en"), ("sw", "xstorycloze_sw")}
     assert [(r.language, r.name) for r in loaded.missing_tasks] == [("de", "xstorycloze_de")]
+
+
+def test_accelerator_type_needs_gpus_and_unknown_types_warn(tmp_path, hub_study, capsys):
+    study = mutate(hub_study, "models.0.accelerator_type", "H100")
+    code, out, err = run_cli(capsys, "validate", str(write_study(tmp_path, study)))
+    assert code == 0 and "accelerator_type" not in err
+    typo = mutate(hub_study, "models.0.accelerator_type", "H1OO")
+    code, out, err = run_cli(capsys, "validate", str(write_study(tmp_path, typo, "typo.yaml")))
+    assert code == 0 and "warning: models[0].accelerator_type: 'H1OO' is not an accelerator type Ray detects" in err
+    cpu = mutate(mutate(hub_study, "models.0.accelerator_type", "H100"), "models.0.gpus", 0)
+    assert_rejected(capsys, write_study(tmp_path, cpu, "cpu.yaml"), "models[0].accelerator_type: needs gpus of 1 or more")
+
+
+def test_node_capacity_counts_only_nodes_with_the_accelerator():
+    from sweep.scheduler import Shape, node_capacity
+
+    h100_node = {"GPU": 8.0, "CPU": 96.0, "accelerator_type:H100": 1.0}
+    a10g_node = {"GPU": 4.0, "CPU": 48.0, "accelerator_type:A10G": 1.0}
+    assert node_capacity(h100_node, Shape(gpus=4, cpus=1, accelerator="H100")) == 2
+    assert node_capacity(a10g_node, Shape(gpus=4, cpus=1, accelerator="H100")) == 0
+    assert node_capacity(a10g_node, Shape(gpus=4, cpus=1)) == 1

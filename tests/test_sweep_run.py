@@ -418,6 +418,40 @@ def test_an_actor_larger_than_any_node_is_reported_unschedulable_not_left_hangin
     assert not of_kind(evs, "started")
 
 
+def test_accelerator_type_keeps_a_model_on_nodes_with_those_gpus(assets, tmp_path, monkeypatch):
+    """Two 2-GPU nodes, one advertising H100s: a model asking for H100 runs only there; a model asking for
+    a type no node has is reported unschedulable."""
+    from ray.cluster_utils import Cluster
+
+    path = light_demo_study(tmp_path, models=("demo-llama",), languages=["en", "de"],
+                            pruners=[{"method": "wanda", "sparsity": 0.5}], placement_timeout_s=3)
+    study = yaml.safe_load(path.read_text())
+    study["models"][0].update(gpus=1, accelerator_type="H100")
+    path.write_text(yaml.safe_dump(study))
+    temp_dir = tempfile.mkdtemp(prefix="sweep-t-")
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir})
+    try:
+        cluster.add_node(num_cpus=2, num_gpus=2)
+        h100 = cluster.add_node(num_cpus=2, num_gpus=2, resources={"accelerator_type:H100": 1})
+        cluster.wait_for_nodes()
+        outcome = run_study(path, RunOptions(address=cluster.address, progress=False))
+        study["models"][0]["accelerator_type"] = "A100-80G"
+        study["name"] = "light-a100"
+        path.write_text(yaml.safe_dump(study))
+        missing = run_study(path, RunOptions(address=cluster.address, progress=False))
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert outcome.code == 0
+    finished = of_kind(events(tmp_path / "runs" / "light"), "finished")
+    assert len(finished) == 3 and {e["node"] for e in finished} == {h100.node_id}
+    assert missing.code == 1
+    failed = of_kind(events(tmp_path / "runs" / "light-a100"), "failed")
+    assert failed and all("no live node has A100-80G GPUs" in e["error"] for e in failed)
+
+
 def test_saved_pruned_model_loads_and_gives_the_same_perplexity(assets, tmp_path):
     from engine.trial import load
     from engine.models import ModelSource
