@@ -45,11 +45,15 @@ def windows_of(token_ids: Sequence[int], window: int, prefix_id: int) -> list[li
 
 @torch.no_grad()
 def window_nll(model: torch.nn.Module, batch: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL (nats) per row, counting only positions whose target is a real token."""
-    logits = model(input_ids=batch, attention_mask=attention_mask).logits[:, :-1].float()
+    """Summed next-token NLL (nats) per row, counting only positions whose target is a real token.
+    Rows are scored one at a time in float32: a batch's float32 logits and log-probabilities would take
+    2 x batch x window x vocab x 4 bytes (17 GB for 8 x 2048 x 128k), one row's take a batch-th of that."""
+    logits = model(input_ids=batch, attention_mask=attention_mask).logits
     targets = batch[:, 1:].to(logits.device)  # a model spread over GPUs may answer on its last one
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return (nll * attention_mask[:, 1:].to(logits.device)).sum(dim=1)
+    weights = attention_mask[:, 1:].to(logits.device)
+    rows = [(torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none")
+             * weights[row]).sum() for row in range(logits.shape[0])]
+    return torch.stack(rows)
 
 
 @torch.no_grad()
