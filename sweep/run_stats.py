@@ -63,3 +63,29 @@ def run_stats(events: list[dict], current_keys: set[str] | None = None) -> RunSt
         gave_up &= current_keys
     stats.trials_finished, stats.trials_gave_up = len(finished), len(gave_up)
     return stats
+
+
+STAGES = ("calibration", "pruning", "perplexity", "tasks", "save_model", "restore")
+
+
+def stage_medians(events: list[dict]) -> dict[str, dict[str, tuple[float, int]]]:
+    """Per model and trial kind ("<model> dense" or "<model> <method>"): the median seconds of each stage
+    of a finished trial (engine.trial timings), with how many trials it is over."""
+    samples: dict[str, dict[str, list[float]]] = {}
+    for event in events:
+        if event.get("event") != "finished":
+            continue
+        result = event.get("result") or {}
+        method = (result.get("pruning") or {}).get("method") or "dense"
+        group = samples.setdefault(f"{event.get('model')} {method}", {})
+        for stage, seconds in (result.get("timings") or {}).items():
+            group.setdefault(stage, []).append(float(seconds))
+    out = {}
+    for group, stages in samples.items():
+        out[group] = {stage: (sorted(values)[len(values) // 2], len(values))
+                      for stage, values in sorted(stages.items(), key=lambda kv: _stage_order(kv[0]))}
+    return out
+
+
+def _stage_order(stage: str) -> int:
+    return STAGES.index(stage) if stage in STAGES else len(STAGES)

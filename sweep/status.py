@@ -5,6 +5,7 @@ import sys
 import time
 
 from sweep.progress import Summary, estimate_eta, format_duration, format_summary
+from sweep.run_stats import stage_medians
 from sweep.store import StudyStore, study_state
 
 
@@ -64,6 +65,13 @@ def print_status(directory: str, show_failures: bool = False, out=sys.stdout, er
         state = "stopped" + (" (a stale lock of a dead driver is left; the next run takes it over)" if holder else "")
     print(f"study {plan.get('study')} in {store.location.url}: {state}; {extra['runs']} driver run(s)", file=out)
     print(format_summary(summary), file=out)
+    medians = stage_medians(reading.events)
+    if medians:
+        print("  median seconds per finished trial, by stage:", file=out)
+        for group, stages in sorted(medians.items()):
+            count = max(n for _, n in stages.values())
+            parts = ", ".join(f"{stage} {seconds:.1f}" for stage, (seconds, _) in stages.items())
+            print(f"    {group} ({count}): {parts}", file=out)
     for event in extra["running"].values():
         print(f"  running {event.get('name')}  attempt {event.get('attempt')} on actor #{event.get('actor')} "
               f"({event.get('host')}) for {format_duration(time.time() - event.get('time', time.time()))}", file=out)

@@ -176,6 +176,23 @@ def test_status_summary_of_a_running_study():
     assert stopped.running == 0 and stopped.left == 2 and stopped.actors == []
 
 
+def test_stage_medians_per_model_and_method():
+    from sweep.run_stats import stage_medians
+
+    def finished(model, method, **timings):
+        result = {"timings": timings, **({"pruning": {"method": method}} if method else {})}
+        return _event("finished", "k", model=model, result=result)
+
+    events = [finished("m", "wanda", calibration=1.0, pruning=4.0, perplexity=10.0),
+              finished("m", "wanda", calibration=3.0, pruning=2.0, perplexity=30.0),
+              finished("m", "wanda", calibration=2.0, pruning=3.0, perplexity=20.0, tasks=7.0),
+              finished("m", None, perplexity=9.0, restore=0.1), _event("failed", "x", model="m")]
+    medians = stage_medians(events)
+    assert medians["m wanda"] == {"calibration": (2.0, 3), "pruning": (3.0, 3), "perplexity": (20.0, 3),
+                                  "tasks": (7.0, 1)}
+    assert list(medians["m dense"]) == ["perplexity", "restore"]
+
+
 def test_progress_lines():
     summary = Summary(total=10, done=4, running=2, failed=1, left=3, eta_s=125,
                       actors=[{"actor": 1, "model": "llama", "busy": True}, {"actor": 2, "model": None, "busy": False}])
