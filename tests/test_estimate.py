@@ -52,13 +52,15 @@ def test_time_per_trial_reproduces_the_gpu_benchmark_it_comes_from():
 
     from sweep.estimate import MEASURED, trial_seconds
 
-    run = json.loads((Path(__file__).parent.parent / "reports/gpu/gpu_trial_after.json").read_text())
-    assert run["device"] in MEASURED.source
+    reports = Path(__file__).parent.parent / "reports/gpu"
+    run = json.loads((reports / "gpu_trial_after.json").read_text())
+    evaluation_run = json.loads((reports / "gpu_trial_perplexity.json").read_text())
+    assert run["device"] in MEASURED.source and evaluation_run["device"] in MEASURED.source
     shape = ModelShape.from_config({**LLAMA3_8B, "vocab_size": run["config"]["vocab_size"]})
     tokens = run["samples"] * run["seq_len"]
     evaluation = run["eval_tokens_per_language"] * run["languages"]
     dense = trial_seconds(shape, None, tokens, run["seq_len"], evaluation, run["seq_len"], 989.0)
-    assert dense == pytest.approx(run["stages"]["perplexity"]["seconds"], rel=0.01)
+    assert dense == pytest.approx(evaluation_run["stages"]["perplexity"]["seconds"], rel=0.01)
     for method in ("wanda", "sparsegpt"):
         seconds = trial_seconds(shape, method, tokens, run["seq_len"], evaluation, run["seq_len"], 989.0)
         assert seconds - dense == pytest.approx(run["stages"][method]["seconds"], rel=0.01), method
