@@ -89,7 +89,8 @@ def run_study(study_path: str | Path, options: RunOptions, out=None, err=None) -
         print(f"warning: {warning}", file=err)
     if options.preflight:
         try:
-            preflight(study)
+            for note in preflight(study):
+                print(f"note: {note}", file=err)
         except StudyInvalid as problem:
             return RunOutcome(report_invalid(problem, err))
 
@@ -109,11 +110,18 @@ def run_study(study_path: str | Path, options: RunOptions, out=None, err=None) -
         store.release()
 
 
-def preflight(study: Study) -> None:
+def preflight(study: Study) -> list:
+    """Checks that need the models' files: every model fits the GPUs its accelerator_type names (see
+    sweep.fit), and local calibration text is long enough for every tokenizer. Raises StudyInvalid;
+    returns notes on what could not be checked here."""
+    from sweep.fit import check_model_fit
     from sweep.preflight import check_calibration_text
 
+    problems, notes = check_model_fit(study)
+    if problems:
+        raise StudyInvalid(study.source, problems)
     if study.spec.calibration.source.kind != "local":
-        return
+        return notes
     from transformers import AutoTokenizer
 
     tokenizers = {}
@@ -122,6 +130,7 @@ def preflight(study: Study) -> None:
         tokenizers[model.label] = AutoTokenizer.from_pretrained(name, revision=model.revision,
                                                                 trust_remote_code=model.trust_remote_code)
     check_calibration_text(study, tokenizers)
+    return notes
 
 
 def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions, out, err, text: str) -> RunOutcome:

@@ -75,13 +75,18 @@ def stage_medians(events: list[dict]) -> dict[str, dict[str, tuple[float, int]]]
     for event in events:
         if event.get("event") != "finished":
             continue
-        result = event.get("result") or {}
-        method = (result.get("pruning") or {}).get("method") or "dense"
+        timings = event.get("timings") if isinstance(event.get("timings"), dict) else {}
+        if not timings:
+            continue
+        method = (event.get("pruning") or {}).get("method") or "dense"
         group = samples.setdefault(f"{event.get('model')} {method}", {})
-        for stage, seconds in (result.get("timings") or {}).items():
-            group.setdefault(stage, []).append(float(seconds))
+        for stage, seconds in timings.items():
+            if isinstance(seconds, (int, float)):
+                group.setdefault(stage, []).append(float(seconds))
     out = {}
     for group, stages in samples.items():
+        if not stages:
+            continue
         out[group] = {stage: (sorted(values)[len(values) // 2], len(values))
                       for stage, values in sorted(stages.items(), key=lambda kv: _stage_order(kv[0]))}
     return out

@@ -157,3 +157,41 @@ def test_load_onto_gpu_through_the_device_map(tmp_path):
                             unk_token="<unk>").save_pretrained(tmp_path / "m")
     model, _ = load_model(ModelSource(str(tmp_path / "m"), dtype="float32", device="cuda", gpus=1))
     assert {p.device.type for p in model.parameters()} == {"cuda"}
+
+
+def test_sweep_run_refuses_a_model_too_large_for_its_accelerator_before_starting(tmp_path, capsys):
+    """Llama-3 70B (config only) on 2 H100s: `sweep run` exits 2 naming models[0].gpus, before any Ray
+    or study directory; on 4 it passes the check; without accelerator_type it is left to the worker."""
+    import json
+
+    import yaml
+
+    from sweep.cli import main
+    from sweep.fit import check_model_fit
+    from sweep.study import load_study
+
+    folder = tmp_path / "llama3-70b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**LLAMA3_70B, "model_type": "llama",
+                                                    "architectures": ["LlamaForCausalLM"]}))
+    text = tmp_path / "text" / "en"
+    text.mkdir(parents=True)
+    (text / "a.txt").write_text("words " * 100)
+    study = {"name": "big", "models": [{"name": "l70", "path": str(folder), "gpus": 2, "accelerator_type": "H100"}],
+             "calibration": {"source": {"kind": "hub", "dataset": "allenai/c4", "config": "{mc4}", "revision": "r"},
+                             "languages": ["en"], "samples": 8, "seq_len": 128},
+             "pruners": [{"method": "wanda", "sparsity": 0.5}],
+             "evaluation": {"languages": ["en"], "perplexity": {"source": {"kind": "local", "path": str(tmp_path / "text")}}},
+             "execution": {"output_dir": str(tmp_path / "runs" / "{study}")}}
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert main(["run", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "models[0].gpus: l70 on 2 x H100 (79.6 GiB) needs 131.4 GiB for its weights" in err
+    assert not (tmp_path / "runs").exists()
+    study["models"][0]["gpus"] = 4
+    path.write_text(yaml.safe_dump(study))
+    assert check_model_fit(load_study(path)) == ([], [])
+    del study["models"][0]["accelerator_type"]
+    path.write_text(yaml.safe_dump(study))
+    assert check_model_fit(load_study(path)) == ([], [])

@@ -180,17 +180,18 @@ def test_stage_medians_per_model_and_method():
     from sweep.run_stats import stage_medians
 
     def finished(model, method, **timings):
-        result = {"timings": timings, **({"pruning": {"method": method}} if method else {})}
-        return _event("finished", "k", model=model, result=result)
+        return _event("finished", "k", model=model, timings=timings, pruning={"method": method} if method else None)
 
     events = [finished("m", "wanda", calibration=1.0, pruning=4.0, perplexity=10.0),
               finished("m", "wanda", calibration=3.0, pruning=2.0, perplexity=30.0),
               finished("m", "wanda", calibration=2.0, pruning=3.0, perplexity=20.0, tasks=7.0),
-              finished("m", None, perplexity=9.0, restore=0.1), _event("failed", "x", model="m")]
+              finished("m", None, perplexity=9.0, restore=0.1), _event("failed", "x", model="m"),
+              _event("finished", "y", model="n"), finished("n", "magnitude", pruning="?")]
     medians = stage_medians(events)
     assert medians["m wanda"] == {"calibration": (2.0, 3), "pruning": (3.0, 3), "perplexity": (20.0, 3),
                                   "tasks": (7.0, 1)}
     assert list(medians["m dense"]) == ["perplexity", "restore"]
+    assert not any(group.startswith("n ") for group in medians)  # no timings, or none that are numbers
 
 
 def test_progress_lines():
