@@ -21,7 +21,7 @@ from sweep.ray_runtime import RayTarget, node_count, start_ray, stop_ray, worker
 from sweep.store import StoreLocked, StudyStore
 from sweep.study import Study, load_study
 
-EXIT_OK, EXIT_FAILED_TRIALS, EXIT_INVALID, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED_TRIALS, EXIT_INVALID, EXIT_LOCKED, EXIT_STORE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 @dataclass
@@ -274,6 +274,12 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
         store.append({"event": "run_stopped", "reason": str(problem)})
         print(f"error: {problem}", file=err)
         return RunOutcome(EXIT_FAILED_TRIALS, store=store.location.url)
+    except OSError as problem:  # the study directory cannot be written (disk full, permissions, a lost mount)
+        progress.close()
+        print(f"error: cannot write the study directory {store.location.url}: {problem}. Stopped; the trials in "
+              "flight are abandoned and every trial logged as finished is kept. Fix the cause (free space) and "
+              "run the same command again to continue.", file=err)
+        return RunOutcome(EXIT_STORE, store=store.location.url)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

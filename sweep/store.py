@@ -14,6 +14,7 @@ at most the line it was writing; readers drop a cut-off last line and say so. No
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -34,6 +35,16 @@ SEGMENT_EVENTS = 200  # object storage: events per log segment (each append rewr
 
 class StoreLocked(RuntimeError):
     pass
+
+
+STORE_FAULTS_ENV = "SWEEP_INJECT_DISK_FULL"
+
+
+def injected_disk_full(appended: int) -> bool:
+    """Fault injection for tests and drills: with $SWEEP_INJECT_DISK_FULL=N, the driver's N-th event
+    append on a local study directory writes half its line and fails as a full disk would (ENOSPC)."""
+    raw = os.environ.get(STORE_FAULTS_ENV)
+    return bool(raw) and appended >= int(raw)
 
 
 @dataclass
@@ -93,6 +104,7 @@ class StudyStore:
         self._log = None
         self._segment: list[bytes] = []
         self._segment_number = 0
+        self._appended = 0
         self._last_heartbeat = 0.0
         self._lock_token: str | None = None
         self.run_id: str | None = None
@@ -222,9 +234,15 @@ class StudyStore:
                 folder = self.location.local_path("events")
                 folder.mkdir(parents=True, exist_ok=True)
                 self._log = open(folder / f"{self.run_id}.jsonl", "a", encoding="utf-8")
-            self._log.write(line + "\n")
+            self._appended += 1
+            full = injected_disk_full(self._appended)
+            data = line + "\n"
+            self._log.write(data[: len(data) // 2] if full else data)
             self._log.flush()
             os.fsync(self._log.fileno())
+            if full:
+                raise OSError(errno.ENOSPC, f"No space left on device (injected by ${STORE_FAULTS_ENV})",
+                              str(self.location.local_path("events")))
         else:
             if len(self._segment) >= SEGMENT_EVENTS:
                 self._segment, self._segment_number = [], self._segment_number + 1
