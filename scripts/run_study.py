@@ -11,7 +11,7 @@ the cluster the script runs on:
   * without --address and without $RAY_ADDRESS it adds `--address auto` (the Ray instance already
     running on this node), never starting a second, embedded Ray beside the cluster;
   * the exit code is `sweep run`'s (0 all done, 1 some trial failed, 2 invalid input, 3 locked,
-    130 interrupted), so `ray submit` reports a failure as one.
+    4 study directory not writable, 130 interrupted), so `ray submit` reports a failure as one.
 
 Examples (from the repository root on your machine):
 
