@@ -62,13 +62,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
     the error is the column times a per-block factor (1 / [H^-1]_ii where pruned, 0 where kept). On a GPU
     the per-column launches, not the arithmetic, bound this loop."""
     rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match a weight of {tuple(weight.shape)}")
-    if sparsity.is_nm:
-        check_nm(cols, sparsity.n, sparsity.m)
-        if blocksize % sparsity.m:
-            raise ValueError(f"blocksize {blocksize} must be a multiple of M={sparsity.m} for N:M pruning")
-    upper, damp, retries = inverse_hessian_factor(hessian, dampening, max_retries)
+    upper, damp, retries = _checked_factor(weight, hessian, sparsity, blocksize, dampening, max_retries)
     w = weight.detach().to(device=upper.device, dtype=torch.float32).clone()
     mask = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, cols, blocksize):
@@ -101,6 +95,18 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
         w[:, end:] -= errors.t() @ upper[start:end, end:]
     w[mask] = 0.0
     return SparseGPTOutput(weight=w, mask=mask, dampening=damp, retries=retries)
+
+
+def _checked_factor(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity, blocksize: int,
+                    dampening: float, max_retries: int) -> tuple[torch.Tensor, float, int]:
+    cols = weight.shape[1]
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match a weight of {tuple(weight.shape)}")
+    if sparsity.is_nm:
+        check_nm(cols, sparsity.n, sparsity.m)
+        if blocksize % sparsity.m:
+            raise ValueError(f"blocksize {blocksize} must be a multiple of M={sparsity.m} for N:M pruning")
+    return inverse_hessian_factor(hessian, dampening, max_retries)
 
 
 CUDA_GRAPHS = True  # replay each block's column loop as one CUDA graph (set False to compare)
@@ -154,13 +160,7 @@ def sparsegpt_prune_columnwise(weight: torch.Tensor, hessian: torch.Tensor, spar
     """The algorithm as written in the paper, one column at a time with every step spelled out: the
     reference `sparsegpt_prune` is tested against, and the "before" of benchmarks/sparsegpt_speed.py."""
     rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match a weight of {tuple(weight.shape)}")
-    if sparsity.is_nm:
-        check_nm(cols, sparsity.n, sparsity.m)
-        if blocksize % sparsity.m:
-            raise ValueError(f"blocksize {blocksize} must be a multiple of M={sparsity.m} for N:M pruning")
-    upper, damp, retries = inverse_hessian_factor(hessian, dampening, max_retries)
+    upper, damp, retries = _checked_factor(weight, hessian, sparsity, blocksize, dampening, max_retries)
     w = weight.detach().to(device=upper.device, dtype=torch.float32).clone()
     mask = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, cols, blocksize):
