@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -67,3 +71,23 @@ def light_demo_study(directory: Path, name: str = "light", models: tuple[str, ..
     study["execution"] = {"output_dir": str(directory / "runs" / "{study}"), "retries": 1, "device": "cpu",
                           **execution}
     return write_study(directory, study, name=f"{name}.yaml")
+
+
+@contextlib.contextmanager
+def in_process_cluster(monkeypatch, *nodes: dict):
+    """A `ray.cluster_utils.Cluster` in this process: a head with no CPUs (it runs no actor) and one worker
+    node per dict of `add_node` arguments; yields (cluster, worker nodes). It gets a short temp dir of its
+    own (Ray's socket paths must fit in 107 bytes; RAY_TMPDIR keeps its address file out of /tmp/ray)."""
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tempfile.mkdtemp(prefix="sweep-t-")
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir})
+    try:
+        added = [cluster.add_node(**node) for node in nodes]
+        cluster.wait_for_nodes()
+        yield cluster, added
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

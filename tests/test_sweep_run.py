@@ -22,7 +22,7 @@ import yaml
 
 from sweep.run import RunOptions, run_study
 from sweep.store import StudyStore
-from tests.conftest import REPO, light_demo_study
+from tests.conftest import REPO, in_process_cluster, light_demo_study
 
 pytestmark = pytest.mark.slow
 
@@ -388,27 +388,15 @@ def test_analyses_of_the_demo_grid_appear_in_the_report(reference, tmp_path):
 
 
 def test_an_actor_larger_than_any_node_is_reported_unschedulable_not_left_hanging(assets, tmp_path, monkeypatch, capsys):
-    from ray.cluster_utils import Cluster
-
     path = light_demo_study(tmp_path, models=("demo-llama",), languages=["en"],
                             pruners=[{"method": "wanda", "sparsity": 0.5}], placement_timeout_s=3)
     study = yaml.safe_load(path.read_text())
     study["models"][0]["gpus"] = 4  # 4 GPUs per replica; the nodes have 2 each (4 in all)
     path.write_text(yaml.safe_dump(study))
-    temp_dir = tempfile.mkdtemp(prefix="sweep-t-")
-    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
-    os.makedirs(os.path.join(temp_dir, "ray"))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir})
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1, num_gpus=2)
-        cluster.wait_for_nodes()
+    with in_process_cluster(monkeypatch, {"num_cpus": 1, "num_gpus": 2}, {"num_cpus": 1, "num_gpus": 2}) as (cluster, _):
         started = time.monotonic()
         outcome = run_study(path, RunOptions(address=cluster.address, progress=False))
         seconds = time.monotonic() - started
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
     assert outcome.code == 1 and outcome.failed == 2 and seconds < 120
     err = capsys.readouterr().err
     assert "needs 4 GPU + 1 CPU per replica on one node, and no live node has that (the largest live node has 2 GPUs)" in err
@@ -421,29 +409,18 @@ def test_an_actor_larger_than_any_node_is_reported_unschedulable_not_left_hangin
 def test_accelerator_type_keeps_a_model_on_nodes_with_those_gpus(assets, tmp_path, monkeypatch):
     """Two 2-GPU nodes, one advertising H100s: a model asking for H100 runs only there; a model asking for
     a type no node has is reported unschedulable."""
-    from ray.cluster_utils import Cluster
-
     path = light_demo_study(tmp_path, models=("demo-llama",), languages=["en", "de"],
                             pruners=[{"method": "wanda", "sparsity": 0.5}], placement_timeout_s=3)
     study = yaml.safe_load(path.read_text())
     study["models"][0].update(gpus=1, accelerator_type="H100")
     path.write_text(yaml.safe_dump(study))
-    temp_dir = tempfile.mkdtemp(prefix="sweep-t-")
-    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
-    os.makedirs(os.path.join(temp_dir, "ray"))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir})
-    try:
-        cluster.add_node(num_cpus=2, num_gpus=2)
-        h100 = cluster.add_node(num_cpus=2, num_gpus=2, resources={"accelerator_type:H100": 1})
-        cluster.wait_for_nodes()
+    nodes = ({"num_cpus": 2, "num_gpus": 2}, {"num_cpus": 2, "num_gpus": 2, "resources": {"accelerator_type:H100": 1}})
+    with in_process_cluster(monkeypatch, *nodes) as (cluster, (_, h100)):
         outcome = run_study(path, RunOptions(address=cluster.address, progress=False))
         study["models"][0]["accelerator_type"] = "A100-80G"
         study["name"] = "light-a100"
         path.write_text(yaml.safe_dump(study))
         missing = run_study(path, RunOptions(address=cluster.address, progress=False))
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
     assert outcome.code == 0
     finished = of_kind(events(tmp_path / "runs" / "light"), "finished")
     assert len(finished) == 3 and {e["node"] for e in finished} == {h100.node_id}

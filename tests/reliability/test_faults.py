@@ -17,7 +17,6 @@ import random
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -27,7 +26,7 @@ import pytest
 from safetensors.torch import load_file
 
 from sweep.run import RunOptions, run_study
-from tests.conftest import light_demo_study
+from tests.conftest import in_process_cluster, light_demo_study
 from tests.test_sweep_run import assert_same_results, events, of_kind, results_table, spawn_sweep, sweep_cli, sweep_env
 
 pytestmark = pytest.mark.slow
@@ -154,20 +153,12 @@ def test_worker_actors_killed_mid_trial(reference, tmp_path):
 
 
 def test_node_removed_mid_trial(reference, tmp_path, monkeypatch):
-    from ray.cluster_utils import Cluster
-
     study, reference_out = reference
     out = tmp_path / "nodes"
     rng = random.Random(SEED + 2)
-    temp_dir = tempfile.mkdtemp(prefix="sweep-f-")
-    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
-    os.makedirs(os.path.join(temp_dir, "ray"))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir})
     removed: list[str] = []
-    try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
-        cluster.wait_for_nodes()
-        after = rng.randint(1, 6)
+    after = rng.randint(1, 6)
+    with in_process_cluster(monkeypatch, *[{"num_cpus": 1}] * 3) as (cluster, workers):
 
         def remover() -> None:
             deadline = time.monotonic() + 240
@@ -175,8 +166,7 @@ def test_node_removed_mid_trial(reference, tmp_path, monkeypatch):
                 time.sleep(0.2)
                 if (out / "events").is_dir() and len(of_kind(events(out), "finished")) >= after:
                     busy = {e.get("node") for e in of_kind(events(out), "started")}
-                    candidates = [n for n in workers if n.node_id in busy] or workers
-                    node = rng.choice(candidates)
+                    node = rng.choice([n for n in workers if n.node_id in busy] or workers)
                     cluster.remove_node(node)
                     removed.append(node.node_id)
                     return
@@ -185,9 +175,6 @@ def test_node_removed_mid_trial(reference, tmp_path, monkeypatch):
         thread.start()
         outcome = run_study(study, RunOptions(out=str(out), address=cluster.address, progress=False))
         thread.join(timeout=5)
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
     assert removed and outcome.code == 0, outcome
     figures = check_complete(out, reference_out)
     record("node removed", {"faults": len(removed), "after_finished": after,
