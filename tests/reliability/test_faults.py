@@ -90,28 +90,64 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait(timeout=60)
 
 
-def test_driver_sigkilled_at_random_moments_then_resumed(reference, tmp_path):
-    study, reference_out = reference
+@pytest.fixture(scope="module")
+def kill_reference(assets, tmp_path_factory):
+    """The whole light demo grid (46 trials; 92, two seeds, for a long run of 10 kills or more, so that
+    every kill still finds trials to interrupt), uninterrupted."""
+    import yaml
+
+    directory = tmp_path_factory.mktemp("kill-reference")
+    study = light_demo_study(directory, name="kills", retries=3)
+    if KILLS >= 10:
+        data = yaml.safe_load(study.read_text())
+        data["calibration"]["seeds"] = [0, 1]
+        study.write_text(yaml.safe_dump(data))
+    outcome = run_study(study, RunOptions(num_cpus=2, progress=False))
+    assert outcome.code == 0
+    return study, directory / "runs" / "kills"
+
+
+def wait_for_run_start(out: Path, runs_before: int, process: subprocess.Popen, timeout: float = 120) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "events").is_dir() and len(of_kind(events(out), "run_started")) > runs_before:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_driver_sigkilled_at_random_moments_then_resumed(kill_reference, tmp_path):
+    """Each kill lands either while the driver starts (a quarter of them: during Ray's start, the lock,
+    the log read) or a random 0-3 s into its trials (mid-trial, mid-append, mid-load)."""
+    study, reference_out = kill_reference
     out = tmp_path / "killed"
     rng = random.Random(SEED)
     kills, moments = 0, []
     for attempt in range(KILLS):
+        runs_before = len(of_kind(events(out), "run_started")) if (out / "events").is_dir() else 0
         process = spawn_sweep("run", str(study), "--out", str(out), "--num-cpus", "2", "--no-progress",
                               log=tmp_path / f"run{attempt}.log")
-        delay = rng.uniform(1.0, 12.0)  # from before Ray is up to well into the trials
+        if rng.random() < 0.25:
+            delay, phase = rng.uniform(0.5, 5.0), "start-up"
+        else:
+            if not wait_for_run_start(out, runs_before, process):
+                if process.poll() is not None:
+                    break  # exited before starting trials: nothing was left to run
+                delay, phase = 0.0, "start-up (slow)"
+            delay, phase = rng.uniform(0.0, 3.0), "trials"
         try:
             process.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             kill_tree(process)
             kills += 1
-            moments.append(round(delay, 2))
+            moments.append(f"{phase}+{delay:.2f}s")
             continue
         break  # finished before its kill: the study is done
     final = sweep_cli("run", str(study), "--out", str(out), "--num-cpus", "2", "--no-progress")
     assert final.returncode == 0, final.stdout + final.stderr
     figures = check_complete(out, reference_out)
     assert not (out / "driver.lock").exists()
-    record("driver SIGKILL", {"faults": kills, "moments_s": moments, **figures})
+    record("driver SIGKILL", {"faults": kills, "moments": moments, **figures})
 
 
 def test_worker_actors_killed_mid_trial(reference, tmp_path):
