@@ -26,8 +26,7 @@ _ALLOWED_FORMS = {
 def problems_from_validation_error(err: ValidationError, root_model: type[BaseModel], given: Any) -> list[Problem]:
     grouped: dict[tuple, list[dict]] = {}
     for item in err.errors(include_url=False):
-        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
-        grouped.setdefault(loc, []).append(item)
+        grouped.setdefault(_field_loc(item["loc"], given), []).append(item)
     # A union field fails as a whole and in its members ([True] as a value and as a list): keep the deepest.
     deepest = {loc: items for loc, items in grouped.items()
                if not any(other[:len(loc)] == loc and len(other) > len(loc) for other in grouped)}
@@ -37,10 +36,24 @@ def problems_from_validation_error(err: ValidationError, root_model: type[BaseMo
     return problems
 
 
+def _field_loc(loc: tuple, given: Any) -> tuple:
+    """`loc` without the union members' tags. A part that looks like a tag is still a field when the input
+    has it as a key there: `Execution:` or `output-dir:` typed in a study are reported as themselves."""
+    out = []
+    current = given
+    for part in loc:
+        is_key = isinstance(current, dict) and part in current
+        if isinstance(part, str) and _UNION_TAG.match(part) and not is_key:
+            continue
+        out.append(part)
+        current = _value_at(current, (part,))
+    return tuple(out)
+
+
 def _message(loc: tuple, items: list[dict], root_model: type[BaseModel], given: Any) -> str:
     kinds = {i["type"] for i in items}
     field_path = ".".join(p for p in loc if isinstance(p, str))
-    if "extra_forbidden" in kinds:
+    if "extra_forbidden" in kinds and loc:
         allowed = _allowed_keys(root_model, loc[:-1])
         near = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
         hint = f" (did you mean '{near[0]}'?)" if near else ""

@@ -26,6 +26,7 @@ from sweep.spec import HUB_ID, SLUG, MixSpec, ModelSpec, StudySpec, TextSource
 from sweep.yaml_loader import StudyFileError, load_yaml_file
 
 SOURCE_CODE_FIELDS = ("lang", "code", "mc4", "flores", "iso639_3")
+LOCAL_SPLIT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # a file stem or folder name: no '/', '..' or glob
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,12 @@ def study_from_data(data: Any, source: str, base_dir: Path) -> Study:
 def parse_language_choice(choice: str | MixSpec) -> LanguageMix:
     """'en', 'en+de' (equal weights), 'en:3+de:1', or {mix: {en: 3, de: 1}} -> LanguageMix. ValueError if malformed."""
     if isinstance(choice, MixSpec):
-        raw = [(code, float(weight)) for code, weight in choice.mix.items()]
+        raw = []
+        for code, weight in choice.mix.items():
+            try:
+                raw.append((code, float(weight)))
+            except OverflowError:
+                raise ValueError(f"weight of {code!r} is too large; weights are relative, e.g. {{en: 3, de: 1}}") from None
     else:
         raw = []
         for part in choice.split("+"):
@@ -155,7 +161,12 @@ def parse_language_choice(choice: str | MixSpec) -> LanguageMix:
         if not weight > 0 or weight != weight or weight == float("inf"):
             raise ValueError(f"weight of {code!r} must be a positive number, got {weight}")
     total = sum(w for _, w in raw)
+    if total == float("inf"):
+        raise ValueError("the weights are too large to add up; weights are relative, e.g. en:3+de:1")
     weights = tuple(sorted((code, round(w / total, 9)) for code, w in raw))
+    for code, weight in weights:
+        if weight <= 0:
+            raise ValueError(f"weight of {code!r} is negligible next to the others (under 1e-9 of their sum)")
     return LanguageMix(weights)
 
 
@@ -246,7 +257,10 @@ class _Checker:
         except (ValueError, OSError) as err:
             self.fail(join_path(where, "path"), f"{config} is not readable JSON ({err})")
             return None
-        if isinstance(config_data, dict) and config_data.get("auto_map") and not model.trust_remote_code:
+        if not isinstance(config_data, dict):
+            self.fail(join_path(where, "path"), f"{config} is not a JSON object: not a model configuration")
+            return None
+        if config_data.get("auto_map") and not model.trust_remote_code:
             self.fail(join_path(where, "trust_remote_code"),
                       f"{config} asks to run code shipped with the model (auto_map); set trust_remote_code: true only if you trust its source")
         self.model_paths[i] = resolved
@@ -279,6 +293,10 @@ class _Checker:
         if source.path is None:
             self.fail(join_path(where, "path"), "is required for kind: local (a directory with one folder or file per language)")
             return None
+        if source.split is not None and not LOCAL_SPLIT.match(source.split):
+            self.fail(join_path(where, "split"), f"{source.split!r} must be one folder or file name (letters, digits, "
+                                                 "'.', '_', '-'), such as calibration: <lang>/<split>.* or <lang>/<split>/")
+            return None
         resolved = resolve_path(source.path, self.base_dir)
         if not resolved.is_dir():
             self.fail(join_path(where, "path"), f"{resolved} is not a directory")
@@ -294,7 +312,10 @@ class _Checker:
                 split = f" for split {source.split!r}" if source.split else ""
                 return f"no text for {code!r}{split} under {root} (expected {code}/ with .jsonl/.txt/.parquet files, or {code}.jsonl)"
             return None
-        names = template_fields(source.config) if source.config else ["lang"]
+        try:
+            names = template_fields(source.config) if source.config else ["lang"]
+        except ValueError:
+            return None  # the template itself is already reported
         language = LANGUAGES[code]
         for name in names:
             if name in SOURCE_CODE_FIELDS and language.source_code(name) is None:
@@ -447,6 +468,9 @@ class _Checker:
                               f"{r.name or task.task} does not exist: {r.language} is reported as missing for this task")
 
     def check_execution(self) -> None:
+        if "\x00" in self.spec.execution.output_dir:
+            self.fail("execution.output_dir", "contains a NUL character, which no file system accepts")
+            return
         try:
             names = template_fields(self.spec.execution.output_dir)
         except ValueError as err:

@@ -48,7 +48,12 @@ _StrictLoader.add_implicit_resolver(
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
-    return int(loader.construct_scalar(node))  # base 10 only: 010 is ten, as in YAML 1.2
+    text = loader.construct_scalar(node)
+    try:
+        return int(text)  # base 10 only: 010 is ten, as in YAML 1.2
+    except ValueError:  # longer than Python converts (4300 digits)
+        raise yaml.constructor.ConstructorError(
+            None, None, f"an integer of {len(text)} digits is too long", node.start_mark) from None
 
 
 def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:

@@ -47,7 +47,11 @@ def parse_sparsity(value: object) -> Sparsity:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a sparsity; write a fraction in (0, 1) such as 0.5, or N:M such as '2:4'")
     if isinstance(value, (int, float)):
-        return _unstructured(float(value), shown=value)
+        try:
+            fraction = float(value)
+        except OverflowError:  # an integer beyond float range
+            raise ValueError("an integer of more than 308 digits is not in (0, 1)") from None
+        return _unstructured(fraction, shown=value)
     if isinstance(value, str):
         nm = _NM.match(value)
         if nm:
@@ -63,9 +67,10 @@ def parse_sparsity(value: object) -> Sparsity:
 
 
 def _unstructured(fraction: float, shown: object) -> Sparsity:
-    if not math.isfinite(fraction) or not 0.0 < fraction < 1.0:
+    kept = float(format_fraction(fraction)) if math.isfinite(fraction) else fraction
+    if not math.isfinite(fraction) or not 0.0 < kept < 1.0:  # 0.99999999999999 is kept as 1: every weight
         raise ValueError(f"{shown} is not in (0, 1)")
-    return Sparsity(fraction=float(format_fraction(fraction)))
+    return Sparsity(fraction=kept)
 
 
 def _n_of_m(n: int, m: int, shown: object) -> Sparsity:
