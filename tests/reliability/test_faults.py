@@ -107,34 +107,36 @@ def kill_reference(assets, tmp_path_factory):
     return study, directory / "runs" / "kills"
 
 
-def wait_for_run_start(out: Path, runs_before: int, process: subprocess.Popen, timeout: float = 120) -> bool:
+def wait_for_a_trial(out: Path, started_before: int, process: subprocess.Popen, timeout: float = 120) -> bool:
+    """Until this driver has dispatched its first trial (a `started` event beyond those before it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        if (out / "events").is_dir() and len(of_kind(events(out), "run_started")) > runs_before:
+        if (out / "events").is_dir() and len(of_kind(events(out), "started")) > started_before:
             return True
-        time.sleep(0.1)
+        time.sleep(0.05)
     return False
 
 
 def test_driver_sigkilled_at_random_moments_then_resumed(kill_reference, tmp_path):
     """Each kill lands either while the driver starts (a quarter of them: during Ray's start, the lock,
-    the log read) or a random 0-3 s into its trials (mid-trial, mid-append, mid-load)."""
+    the log read, actors loading models) or a random 0-2 s after its first trial was dispatched (mid-trial,
+    mid-append, between trials)."""
     study, reference_out = kill_reference
     out = tmp_path / "killed"
     rng = random.Random(SEED)
     kills, moments = 0, []
     for attempt in range(KILLS):
-        runs_before = len(of_kind(events(out), "run_started")) if (out / "events").is_dir() else 0
+        started_before = len(of_kind(events(out), "started")) if (out / "events").is_dir() else 0
         process = spawn_sweep("run", str(study), "--out", str(out), "--num-cpus", "2", "--no-progress",
                               log=tmp_path / f"run{attempt}.log")
         if rng.random() < 0.25:
             delay, phase = rng.uniform(0.5, 5.0), "start-up"
         else:
-            if not wait_for_run_start(out, runs_before, process):
+            if not wait_for_a_trial(out, started_before, process):
                 if process.poll() is not None:
                     break  # exited before starting trials: nothing was left to run
                 delay, phase = 0.0, "start-up (slow)"
-            delay, phase = rng.uniform(0.0, 3.0), "trials"
+            delay, phase = rng.uniform(0.0, 2.0), "trials"
         try:
             process.wait(timeout=delay)
         except subprocess.TimeoutExpired:
