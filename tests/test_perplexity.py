@@ -55,3 +55,33 @@ def test_windows_cover_every_token_once():
 def test_empty_text_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="no tokens"):
         perplexity(tiny_model, [], 0, 8, 0)
+
+
+def test_max_tokens_cut_never_splits_a_character():
+    """A byte-level tokenizer splits rare characters over tokens; a cut between them must give the
+    tokens back rather than count U+FFFD's 3 bytes for the 1-2 the tokens hold."""
+    from transformers import AutoTokenizer
+
+    from engine.demo import ensure_demo_assets
+    from engine.evaluate.suite import language_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_demo_assets().model_dirs["demo-llama"]))
+    texts = ["𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ꙮ 龘靐齉 text", "second 𓀀𓀁 document"]  # rare: one character, several tokens
+    joined = "\n\n".join(texts)
+    ids = tokenizer(joined, add_special_tokens=False)["input_ids"]
+
+    def spelled(n):
+        return tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    mid_character = [n for n in range(1, len(ids)) if spelled(n).endswith("\ufffd")]
+    assert mid_character, "the test text no longer splits a character over tokens; pick rarer characters"
+    first_boundary = min(n for n in range(1, len(ids)) if n not in mid_character)
+    for limit in range(first_boundary, len(ids)):
+        cut, n_bytes = language_tokens(tokenizer, texts, limit)
+        assert cut == ids[: len(cut)] and limit - 3 <= len(cut) <= limit
+        text = spelled(len(cut))
+        assert joined.startswith(text) and "\ufffd" not in text
+        assert n_bytes == len(text.encode("utf-8"))
+        if limit not in mid_character:
+            assert len(cut) == limit
+    assert language_tokens(tokenizer, texts, None) == (ids, len(joined.encode("utf-8")))

@@ -16,7 +16,7 @@ import os
 import uuid
 from pathlib import Path
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: max_tokens cuts at a character boundary
 
 
 def evaluation_cache_key(tokenizer_id: str, source_identity: dict, language: str, max_tokens: int | None) -> str:
