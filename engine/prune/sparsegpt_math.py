@@ -32,23 +32,32 @@ class SparseGPTOutput:
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, max_retries: int) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with damp x10 on failure."""
-    h = hessian.to(torch.float32).clone()
-    diagonal = torch.diagonal(h)
-    dead = diagonal == 0
-    diagonal[dead] = 1.0  # inputs never active: their columns get an identity row, as if independent
-    mean_diagonal = float(diagonal.mean())
-    if not torch.isfinite(h).all():
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with damp x10 on failure.
+
+    Each matrix is freed as soon as the next exists: about 3 H-sized float32 matrices at the peak
+    besides `hessian` (LAPACK's workspaces included), against 5 when all are kept to the end
+    (benchmarks/hessian_factor_memory.py; Llama-3-8B down_proj's H is 0.77 GiB)."""
+    if not torch.isfinite(hessian).all():
         raise CholeskyError("the Hessian has non-finite entries (the calibration activations overflowed)")
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    diagonal = torch.diagonal(hessian).to(torch.float32)
+    dead = diagonal == 0
+    mean_diagonal = float(torch.where(dead, 1.0, diagonal).mean())
     for attempt in range(max_retries + 1):
         damp = dampening * (10.0 ** attempt)
-        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diagonal * eye)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0 and torch.isfinite(upper).all():
-                return upper, damp, attempt
+        damped = hessian.to(torch.float32, copy=True)
+        damped_diagonal = torch.diagonal(damped)
+        damped_diagonal[dead] = 1.0  # inputs never active: their columns get an identity row, as if independent
+        damped_diagonal += damp * mean_diagonal
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped, damped_diagonal
+        if int(info) != 0:
+            continue
+        inverse = torch.cholesky_inverse(lower)
+        del lower
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
+        if int(info) == 0 and torch.isfinite(upper).all():
+            return upper, damp, attempt
     raise CholeskyError(
         f"Cholesky failed with dampening up to {dampening * 10.0 ** max_retries:g} x mean diagonal "
         f"({max_retries} retries); the calibration set may be too small for this layer's width")
