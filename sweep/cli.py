@@ -37,33 +37,40 @@ def _print_warnings(study: Study) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _checked_study(path: str) -> tuple[Study, Plan] | int:
+    """The study and its plan, its warnings printed; or the exit code after printing its problems."""
     try:
-        study = _load(args.study)
+        study = _load(path)
         plan = expand(study)
     except StudyInvalid as err:
         return report_invalid(err)
     _print_warnings(study)
+    return study, plan
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    checked = _checked_study(args.study)
+    if isinstance(checked, int):
+        return checked
+    study, plan = checked
     print(f"{args.study}: valid study '{study.name}': {len(plan.trials)} trials "
           f"({len(plan.pruned)} pruned + {len(plan.dense)} dense baselines) over {len(study.spec.models)} model(s)")
     return EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    try:
-        study = _load(args.study)
-        plan = expand(study)
-    except StudyInvalid as err:
-        return report_invalid(err)
-    _print_warnings(study)
-    if args.json:
-        print(json.dumps(plan_as_dict(plan), indent=2))
-    else:
-        print(format_plan(plan, show_trials=not args.summary and not args.estimate))
     if args.estimate and (args.gpu_tflops <= 0 or args.gpu_memory_gib <= 0):
         print("error: --gpu-tflops and --gpu-memory-gib must be positive (one GPU's bf16 peak and memory)",
               file=sys.stderr)
         return EXIT_INVALID
+    checked = _checked_study(args.study)
+    if isinstance(checked, int):
+        return checked
+    study, plan = checked
+    if args.json:
+        print(json.dumps(plan_as_dict(plan), indent=2))
+    else:
+        print(format_plan(plan, show_trials=not args.summary and not args.estimate))
     if args.estimate:
         from sweep.estimate import format_estimates, format_time_estimates, study_estimates, study_time_estimates
 
@@ -154,12 +161,10 @@ def _warn_offline_gaps(study_path: str) -> None:
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
     _apply_cache_env(args.cache_dir)  # before any Hugging Face library reads its environment
-    try:
-        study = _load(args.study)
-        plan = expand(study)
-    except StudyInvalid as err:
-        return report_invalid(err)
-    _print_warnings(study)
+    checked = _checked_study(args.study)
+    if isinstance(checked, int):
+        return checked
+    study, plan = checked
     from sweep import prefetch
 
     if args.each_node and not args.address:
