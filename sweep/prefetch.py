@@ -605,38 +605,56 @@ def _file_bytes(path: Path | None) -> int:
         return 0
 
 
+def _per_tokenizer(kind: str, item_name: str, models: tuple[str, ...], tokenizers: dict, fingerprints: dict,
+                   dry_run: bool, detail, cache_path, build, what: str) -> list[ItemResult]:
+    """One cache file per distinct tokenizer among `models`: reported cached, would-build, built (with
+    `build`'s detail) or failed. `detail(labels)`, `cache_path(tokenizer)` and `build(tokenizer)` say
+    what the item is; `what` names it in an error."""
+    groups, missing = _by_tokenizer(models, fingerprints)
+    out = []
+    if missing:
+        out.append(ItemResult(kind, item_name, "skipped",
+                              detail=f"for {', '.join(missing)}: the model's tokenizer is not available"))
+    for labels in groups.values():
+        tokenizer = tokenizers[labels[0]]
+        path = cache_path(tokenizer)
+        started = time.perf_counter()
+        if path.is_file():
+            out.append(ItemResult(kind, item_name, "cached", _file_bytes(path), detail=detail(labels)))
+            continue
+        if dry_run:
+            out.append(ItemResult(kind, item_name, "would build", detail=detail(labels)))
+            continue
+        try:
+            built = build(tokenizer)
+        except Exception as err:  # noqa: BLE001 - not enough text, a missing language, the hub unreachable
+            out.append(ItemResult(kind, item_name, "failed", seconds=time.perf_counter() - started,
+                                  error=f"{what} for {', '.join(labels)}: "
+                                        f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"))
+            continue
+        out.append(ItemResult(kind, item_name, "built", _file_bytes(path), time.perf_counter() - started,
+                              detail=f"{built}, tokenizer of {', '.join(labels)}"))
+    return out
+
+
 def _prefetch_calibration(item: CalibrationItem, tokenizers: dict, fingerprints: dict, cache_dir: Path,
                           dry_run: bool) -> list[ItemResult]:
     from engine.data.calibration import WindowRequest, calibration_cache_path, calibration_set
 
     cal = item.config
     request = WindowRequest(cal.samples, cal.seq_len, cal.seed)
-    groups, missing = _by_tokenizer(item.models, fingerprints)
-    out = []
-    if missing:
-        out.append(ItemResult("calibration", item.name, "skipped",
-                              detail=f"for {', '.join(missing)}: the model's tokenizer is not available"))
-    for labels in groups.values():
-        tokenizer = tokenizers[labels[0]]
-        detail = f"{cal.samples} x {cal.seq_len} tokens, tokenizer of {', '.join(labels)}"
-        path = calibration_cache_path(cal.source, tokenizer, cal.weights, request, cache_dir, cal.source_fingerprint)
-        started = time.perf_counter()
-        if path.is_file():
-            out.append(ItemResult("calibration", item.name, "cached", _file_bytes(path), detail=detail))
-            continue
-        if dry_run:
-            out.append(ItemResult("calibration", item.name, "would build", detail=detail))
-            continue
-        try:
-            calibration_set(cal.source, tokenizer, cal.weights, request, cache_dir, cal.source_fingerprint)
-        except Exception as err:  # noqa: BLE001 - not enough text, a missing language, the hub unreachable
-            out.append(ItemResult("calibration", item.name, "failed", seconds=time.perf_counter() - started,
-                                  error=f"calibration {item.mix} seed {item.seed} for {', '.join(labels)}: "
-                                        f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"))
-            continue
-        out.append(ItemResult("calibration", item.name, "built", _file_bytes(path), time.perf_counter() - started,
-                              detail=detail))
-    return out
+    size = f"{cal.samples} x {cal.seq_len} tokens"
+
+    def build(tokenizer) -> str:
+        calibration_set(cal.source, tokenizer, cal.weights, request, cache_dir, cal.source_fingerprint)
+        return size
+
+    return _per_tokenizer(
+        "calibration", item.name, item.models, tokenizers, fingerprints, dry_run,
+        detail=lambda labels: f"{size}, tokenizer of {', '.join(labels)}",
+        cache_path=lambda tokenizer: calibration_cache_path(cal.source, tokenizer, cal.weights, request, cache_dir,
+                                                            cal.source_fingerprint),
+        build=build, what=f"calibration {item.mix} seed {item.seed}")
 
 
 def _prefetch_evaluation(item: EvaluationItem, tokenizers: dict, fingerprints: dict, cache_dir: Path,
@@ -645,32 +663,17 @@ def _prefetch_evaluation(item: EvaluationItem, tokenizers: dict, fingerprints: d
     from engine.trial import evaluation_tokens
 
     config = item.config
-    groups, missing = _by_tokenizer(item.models, fingerprints)
-    out = []
-    if missing:
-        out.append(ItemResult("evaluation", item.name, "skipped",
-                              detail=f"for {', '.join(missing)}: the model's tokenizer is not available"))
-    for labels in groups.values():
-        tokenizer = tokenizers[labels[0]]
-        detail = f"up to {config.max_tokens or 'all'} tokens, tokenizer of {', '.join(labels)}"
-        path = evaluation_cache_path(config.source, tokenizer, item.language, config.max_tokens, cache_dir)
-        started = time.perf_counter()
-        if path.is_file():
-            out.append(ItemResult("evaluation", item.name, "cached", _file_bytes(path), detail=detail))
-            continue
-        if dry_run:
-            out.append(ItemResult("evaluation", item.name, "would build", detail=detail))
-            continue
-        try:
-            ids, _ = evaluation_tokens(config, item.language, tokenizer, cache_dir)
-        except Exception as err:  # noqa: BLE001
-            out.append(ItemResult("evaluation", item.name, "failed", seconds=time.perf_counter() - started,
-                                  error=f"evaluation text {item.language} for {', '.join(labels)}: "
-                                        f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"))
-            continue
-        out.append(ItemResult("evaluation", item.name, "built", _file_bytes(path), time.perf_counter() - started,
-                              detail=f"{len(ids)} tokens, tokenizer of {', '.join(labels)}"))
-    return out
+
+    def build(tokenizer) -> str:
+        ids, _ = evaluation_tokens(config, item.language, tokenizer, cache_dir)
+        return f"{len(ids)} tokens"
+
+    return _per_tokenizer(
+        "evaluation", item.name, item.models, tokenizers, fingerprints, dry_run,
+        detail=lambda labels: f"up to {config.max_tokens or 'all'} tokens, tokenizer of {', '.join(labels)}",
+        cache_path=lambda tokenizer: evaluation_cache_path(config.source, tokenizer, item.language,
+                                                           config.max_tokens, cache_dir),
+        build=build, what=f"evaluation text {item.language}")
 
 
 # lm-eval tasks -----------------------------------------------------------------------------------
