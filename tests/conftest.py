@@ -73,6 +73,24 @@ def light_demo_study(directory: Path, name: str = "light", models: tuple[str, ..
     return write_study(directory, study, name=f"{name}.yaml")
 
 
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """`values` set in os.environ for the block; what was there before (or its absence) restored after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @contextlib.contextmanager
 def in_process_cluster(monkeypatch, *nodes: dict):
     """A `ray.cluster_utils.Cluster` in this process: a head with no CPUs (it runs no actor) and one worker

@@ -31,10 +31,10 @@ from engine.evaluate.tasks import (
     run_tasks,
     task_index,
 )
+from tests.conftest import OFFLINE, environment
 
 LIMIT = 20
 MAX_LENGTH = 512
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,14 +67,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def offline_env():
-    saved = {key: os.environ.get(key) for key in OFFLINE}
-    os.environ.update(OFFLINE)
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with environment(OFFLINE):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ from engine.models import ModelSource
 from engine.save import save_pruned_model
 from engine.trial import (CalibrationConfig, EvaluationConfig, PruningConfig, TaskConfig, TrialConfig, load,
                           run_trial)
+from tests.conftest import OFFLINE, environment
 
 CALIBRATION_LANGUAGE = "sw"
 SEED = 7
@@ -48,7 +49,6 @@ ROLLING_TASK = "demo_text_sw"  # loglikelihood_rolling: word/byte perplexity, bi
 # both, as the CLI does: the same requests then meet in the same batches.
 LIMIT = 12
 BATCH_SIZE = 4
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # (model, dtype it is loaded, pruned and saved in, dtype argument given to the CLI: None = lm-eval's "auto")
 CASES = {"llama-fp32": ("demo-llama", "float32", "float32"), "cohere-bf16": ("demo-cohere", "bfloat16", None)}
 
@@ -76,17 +76,11 @@ def current_umask() -> int:
 
 @pytest.fixture(scope="module")
 def offline():
-    saved = {key: os.environ.get(key) for key in OFFLINE}
-    os.environ.update(OFFLINE)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with environment(OFFLINE):
+        yield
     torch.set_num_threads(threads)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
