@@ -59,6 +59,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.tasks and not args.estimate:
+        print("error: --tasks counts the lm-eval tasks' work into --estimate; give both", file=sys.stderr)
+        return EXIT_INVALID
     if args.estimate and (args.gpu_tflops <= 0 or args.gpu_memory_gib <= 0):
         print("error: --gpu-tflops and --gpu-memory-gib must be positive (one GPU's bf16 peak and memory)",
               file=sys.stderr)
@@ -76,7 +79,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         try:
             table, problems = format_estimates(study_estimates(study), args.gpu_memory_gib)
-            times = format_time_estimates(study_time_estimates(study, plan.trials, args.gpu_tflops), args.gpu_tflops)
+            times = format_time_estimates(
+                study_time_estimates(study, plan.trials, args.gpu_tflops, count_tasks=args.tasks), args.gpu_tflops)
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_INVALID
@@ -251,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", action="store_true", help="counts only, no trial list")
     p.add_argument("--estimate", action="store_true", help="parameters and GPU memory per worker actor")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU, for --estimate")
+    p.add_argument("--tasks", action="store_true",
+                   help="with --estimate: count each model's lm-eval task work per trial from lm-eval's own requests "
+                        "(reads the tasks' data and the tokenizers: local, cached by `sweep prefetch`, or the hub)")
     p.add_argument("--gpu-tflops", type=float, default=989.0,
                    help="one GPU's dense bf16 peak in TFLOP/s, for --estimate (989: H100 SXM; A100 312, L40S 362)")
     p.set_defaults(func=cmd_plan)

@@ -12,8 +12,11 @@ Activations inside a block and the CUDA context are not counted: keep 10-20% hea
 Time is each stage's matrix-product FLOPs (engine/flops.py) over the rate benchmarks/gpu_trial.py
 achieved for that stage on one H100 (MEASURED below), scaled by the GPU's bf16 peak over the H100's.
 A model spread over several GPUs runs one block at a time, so it takes as long as on one fast enough
-GPU while holding all of its GPUs: GPU-hours are seconds x gpus. Not included: lm-eval tasks (their
-cost depends on each task's data), model loads (once per actor and model) and queueing.
+GPU while holding all of its GPUs: GPU-hours are seconds x gpus. lm-eval tasks are included only with
+`--tasks` (sweep/task_cost.py counts the positions lm-eval's own batches make the model compute, from
+each task's data and the model's tokenizer; they run at the perplexity rate, so lm-eval's per-request
+Python and its full-vocabulary log-softmax come on top). Not included: model loads (once per actor and
+model) and queueing.
 """
 from __future__ import annotations
 
@@ -167,6 +170,8 @@ class TimeEstimate:
     trials: dict  # method ("dense" for the baseline) -> trial count
     seconds: dict  # method -> seconds per trial
     evaluation_known: bool  # False when evaluation.perplexity.max_tokens is unset (time then excludes it)
+    tasks: object = None  # sweep.task_cost.TaskCost, when counted
+    tasks_note: str | None = None  # why the tasks are not counted, when they were asked for
 
     @property
     def gpu_hours(self) -> float:
@@ -175,10 +180,14 @@ class TimeEstimate:
 
 def trial_seconds(shape: ModelShape, method: str | None, calibration_tokens: int, seq_len: int,
                   evaluation_tokens: int, window: int, gpu_tflops: float,
-                  measured: Throughput = MEASURED) -> float:
-    """Seconds for one trial (`method` None: the dense baseline, evaluation only)."""
+                  measured: Throughput = MEASURED, tasks=None) -> float:
+    """Seconds for one trial (`method` None: the dense baseline, evaluation only); `tasks` a
+    sweep.task_cost.TaskCost, run at the perplexity rate."""
     scale = gpu_tflops / measured.datasheet_tflops
     seconds = flops.evaluation(shape.dims, evaluation_tokens, window) / (measured.perplexity * scale * 1e12)
+    if tasks is not None and tasks.positions:
+        seconds += flops.evaluation(shape.dims, tasks.positions, tasks.mean_length) / (
+            measured.perplexity * scale * 1e12)
     if method == "magnitude":
         seconds += MAGNITUDE_SECONDS_PER_BILLION * shape.parameters / 1e9
     elif method is not None:
@@ -187,8 +196,32 @@ def trial_seconds(shape: ModelShape, method: str | None, calibration_tokens: int
     return seconds
 
 
-def study_time_estimates(study: Study, trials, gpu_tflops: float) -> list[TimeEstimate]:
-    """Per model: trials by method and seconds per trial, for the planned `trials` (sweep.grid.TrialSpec)."""
+def model_task_cost(study: Study, index: int):
+    """(TaskCost, None) for model `index`, or (None, why not): its tokenizer and every task's data must
+    be readable (local, cached by `sweep prefetch`, or on the hub)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from engine.evaluate.tasks import TaskRequest
+    from sweep.task_cost import task_cost
+    from sweep.trials import evaluation_config
+
+    spec = study.spec.models[index]
+    source = str(study.model_paths[index]) if spec.path is not None else spec.hub
+    ev = evaluation_config(study)
+    requests = [TaskRequest(t.name, t.shots, t.limit) for t in ev.tasks]
+    try:
+        config = AutoConfig.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision,
+                                                  trust_remote_code=spec.trust_remote_code)
+        return task_cost(config, tokenizer, requests, ev.include_path, ev.batch_size), None
+    except Exception as err:  # noqa: BLE001 - offline, gated, a dataset not cached: all say the same
+        return None, (f"not counted ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+                      f"`sweep prefetch STUDY` fills the caches this reads")
+
+
+def study_time_estimates(study: Study, trials, gpu_tflops: float, count_tasks: bool = False) -> list[TimeEstimate]:
+    """Per model: trials by method and seconds per trial, for the planned `trials` (sweep.grid.TrialSpec);
+    with `count_tasks`, the lm-eval tasks' work counted in (sweep/task_cost.py)."""
     spec = study.spec
     methods = {p.label: p.method for p in spec.pruners}
     perplexity = spec.evaluation.perplexity
@@ -204,29 +237,38 @@ def study_time_estimates(study: Study, trials, gpu_tflops: float) -> list[TimeEs
             if trial.model_index == i:
                 method = "dense" if trial.is_dense else methods[trial.pruner_label]
                 counts[method] = counts.get(method, 0) + 1
+        tasks = note = None
+        if count_tasks and study.tasks:
+            tasks, note = model_task_cost(study, i)
         seconds = {m: trial_seconds(shape, None if m == "dense" else m, calibration_tokens, spec.calibration.seq_len,
-                                    evaluation_tokens, window, gpu_tflops) for m in counts}
+                                    evaluation_tokens, window, gpu_tflops, tasks=tasks) for m in counts}
         out.append(TimeEstimate(model.label, model.gpus, counts, seconds,
-                                perplexity is None or perplexity.max_tokens is not None))
+                                perplexity is None or perplexity.max_tokens is not None, tasks, note))
     return out
 
 
 def format_time_estimates(estimates: list[TimeEstimate], gpu_tflops: float, measured: Throughput = MEASURED) -> str:
     rates = ", ".join(f"{m} {r:g}" for m, r in measured.calibration.items())
-    lines = [f"  time on GPUs of {gpu_tflops:g} bf16 TFLOP/s (lm-eval tasks, model loads and queueing not included):",
+    counted = any(e.tasks is not None for e in estimates)
+    left_out = "model loads and queueing" if counted else "lm-eval tasks (--tasks counts them), model loads and queueing"
+    lines = [f"  time on GPUs of {gpu_tflops:g} bf16 TFLOP/s ({left_out} not included):",
              f"    rates: {measured.source}: calibration + {rates}, perplexity {measured.perplexity:g} TFLOP/s achieved,",
              f"    scaled by {gpu_tflops:g}/{measured.datasheet_tflops:g}",
              f"    {'model':<24} {'gpus':>4} {'trials':>6}  {'seconds per trial':<44} {'GPU-hours':>9}"]
     total = 0.0
     for e in estimates:
+        task_line = (f"      tasks per trial: {e.tasks.summary()}" if e.tasks is not None else
+                     f"      tasks: {e.tasks_note}" if e.tasks_note else None)
         if e.gpus == 0:
             lines.append(f"    {e.model:<24} {'cpu':>4} {sum(e.trials.values()):>6}  (runs on CPU: GPU rates do not apply)")
+            lines += [task_line] if task_line else []
             continue
         per_trial = ", ".join(f"{m} {e.seconds[m]:,.0f}" if e.seconds[m] >= 10 else f"{m} {e.seconds[m]:.2g}"
                               for m in sorted(e.trials))
         lines.append(f"    {e.model:<24} {e.gpus:>4} {sum(e.trials.values()):>6}  {per_trial:<44} {e.gpu_hours:>9.1f}")
         if not e.evaluation_known:
             lines.append("      (evaluation.perplexity.max_tokens is unset: evaluation time not included)")
+        lines += [task_line] if task_line else []
         total += e.gpu_hours
     lines.append(f"    {'total':<24} {'':>4} {sum(sum(e.trials.values()) for e in estimates):>6}  {'':<44} {total:>9.1f}")
     return "\n".join(lines)

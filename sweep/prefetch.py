@@ -677,16 +677,6 @@ def _prefetch_evaluation(item: EvaluationItem, tokenizers: dict, fingerprints: d
 
 
 # lm-eval tasks -----------------------------------------------------------------------------------
-def _flatten_tasks(value) -> list:
-    from lm_eval.api.task import Task
-
-    if isinstance(value, Task):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _flatten_tasks(v)]
-    return []
-
-
 def _dataset_bytes(task) -> int:
     dataset = getattr(task, "dataset", None)
     splits = dataset.values() if hasattr(dataset, "values") else ([dataset] if dataset is not None else [])
@@ -703,7 +693,9 @@ def _task_is_local(task) -> bool:
 
 
 def _prefetch_tasks(tasks: tuple[TaskItem, ...], dry_run: bool) -> list[ItemResult]:
-    from engine.evaluate.tasks import manager_for
+    from lm_eval.tasks import get_task_dict
+
+    from engine.evaluate.tasks import flatten_tasks, manager_for
 
     names = [t.name for t in tasks]
     include = tasks[0].include_path
@@ -722,9 +714,7 @@ def _prefetch_tasks(tasks: tuple[TaskItem, ...], dry_run: bool) -> list[ItemResu
             continue
         started = time.perf_counter()
         try:
-            from lm_eval.tasks import get_task_dict
-
-            loaded = _flatten_tasks(get_task_dict([task.name], manager))
+            loaded = flatten_tasks(get_task_dict([task.name], manager))
         except Exception as err:  # noqa: BLE001 - a gated or missing dataset, the hub unreachable
             out.append(ItemResult("tasks", task.name, "failed", seconds=time.perf_counter() - started,
                                   error=f"lm-eval task {task.name}: {type(err).__name__}: "

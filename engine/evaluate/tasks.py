@@ -344,6 +344,17 @@ def manager_for(names: Sequence[str], include_path: Path | None):
     return task_manager(include_path, include_defaults=True), False
 
 
+def flatten_tasks(value) -> list:
+    """The Task objects in what lm-eval's task loading returns (nested dicts of groups and tasks)."""
+    from lm_eval.api.task import Task
+
+    if isinstance(value, Task):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in flatten_tasks(v)]
+    return []
+
+
 def run_tasks(model, tokenizer, requests: Sequence[TaskRequest], include_path: Path | None = None,
               batch_size: int = 8, max_length: int | None = None, device: str = "cpu", *,
               bootstrap_iters: int = 100000) -> dict:
