@@ -99,9 +99,14 @@ def test_every_node_starts_ray_with_token_authentication(name):
     config = load(name)
     head = " ".join(config["head_start_ray_commands"])
     workers = " ".join(config["worker_start_ray_commands"])
-    assert re.search(r"RAY_AUTH_MODE=token ray start --head\b", head)
+    if name == "cluster.local.yaml":  # machines that may be shared: no `ray stop`, our own script
+        assert re.search(r"RAY_AUTH_MODE=token bash ~/calibration-sweep/scripts/ray_node.sh head\b", head)
+        assert re.search(r"RAY_AUTH_MODE=token bash ~/calibration-sweep/scripts/ray_node.sh worker\b", workers)
+        assert "ray stop" not in head + workers
+    else:
+        assert re.search(r"RAY_AUTH_MODE=token ray start --head\b", head)
+        assert re.search(r"RAY_AUTH_MODE=token ray start --address=\$RAY_HEAD_IP:6379", workers)
     assert "--dashboard-port=8265" in head  # what `ray dashboard CONFIG` forwards and the README uses
-    assert re.search(r"RAY_AUTH_MODE=token ray start --address=\$RAY_HEAD_IP:6379", workers)
     assert any("export RAY_AUTH_MODE=token" in cmd for cmd in config["setup_commands"])  # ray submit / attach
 
 
@@ -130,3 +135,83 @@ def test_entry_script_joins_the_running_cluster_unless_told_where(run_study_scri
     assert build([]) == ["run", "--help"]
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # `sweep run` reads it itself
     assert build(["s.yaml"]) == ["run", "s.yaml"]
+
+
+# -- scripts/ray_node.sh: cluster.local.yaml's start and stop, by process id only ------------------------
+def _ours(marker: str) -> list:
+    """Processes whose command line names this test's unique directory (Ray passes its temp dir to
+    every process of the node), read-only."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+@pytest.mark.slow
+def test_ray_node_script_restarts_and_stops_only_the_ray_it_started():
+    import os
+    import secrets
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    import psutil
+
+    from tests.test_ray_jobs import BIN, free_port_range, free_ports
+
+    root = Path(tempfile.mkdtemp(prefix="swn-", dir="/tmp"))  # short: Ray's socket paths stay < 107 bytes
+    token_file = root / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    gcs, node_manager, object_manager, metrics, agent_http, agent_grpc, runtime_env_agent = ports = free_ports(7)
+    workers = free_port_range(16, set(ports))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_TMPDIR": str(root),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+           "SWEEP_RAY_STATE": str(root / "state"), "SWEEP_RAY_PORT": str(gcs)}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(name, None)
+    script = ["bash", str(REPO / "scripts" / "ray_node.sh")]
+    options = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", f"--temp-dir={root / 'ray'}",
+               "--object-store-memory=100000000", "--include-dashboard=false", "--disable-usage-stats",
+               f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+               f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent_http}",
+               f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
+               f"--min-worker-port={workers}", f"--max-worker-port={workers + 15}"]
+    pidfile = root / "state" / "ray.pid"
+    started: list[int] = []
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*script, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    try:
+        assert run().returncode == 2  # no subcommand: usage
+        first = run("head", *options)
+        assert first.returncode == 0, first.stderr + (root / "state" / "ray.log").read_text()[-3000:]
+        started.append(int(pidfile.read_text()))
+        assert psutil.pid_exists(started[0])
+        assert any("raylet" in " ".join(p.cmdline()) for p in _ours(str(root)))
+
+        again = run("head", *options)  # what `ray up` does on a restart: our old Ray first, by its pid
+        assert again.returncode == 0, again.stderr
+        started.append(int(pidfile.read_text()))
+        assert started[1] != started[0] and not psutil.pid_exists(started[0])
+
+        stopped = run("stop")
+        assert stopped.returncode == 0, stopped.stderr
+        assert not pidfile.exists() and not psutil.pid_exists(started[1])
+        deadline = time.monotonic() + 30
+        while _ours(str(root)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _ours(str(root)), "the node's processes outlived its `ray start --block`"
+        assert run("stop").returncode == 0  # nothing of ours left: a no-op
+    finally:
+        for proc in _ours(str(root)):  # only if an assertion failed midway: our processes, by pid
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
