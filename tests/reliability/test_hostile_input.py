@@ -313,28 +313,15 @@ def dump(study) -> str:
     return yaml.safe_dump(study, sort_keys=False, allow_unicode=True)
 
 
-def test_fuzzed_hub_study_is_accepted_or_refused_cleanly(fuzz_folder):
-    folder, _ = fuzz_folder
-    outcome = OUTCOMES.setdefault("hub schema", FuzzOutcome())
+@pytest.mark.parametrize("source", ["hub", "local"])
+def test_fuzzed_study_is_accepted_or_refused_cleanly(fuzz_folder, source):
+    folder, local = fuzz_folder
+    outcome = OUTCOMES.setdefault(f"{source} schema", FuzzOutcome())
 
     @FUZZ_SETTINGS
-    @given(mutated_studies(HUB_STUDY))
+    @given(mutated_studies(HUB_STUDY if source == "hub" else local))
     def check(study):
-        validate_in(folder / "hub", dump(study), outcome)
-
-    check()
-    assert outcome.refused > 0 and outcome.cases >= 200
-    outcome.passed = True
-
-
-def test_fuzzed_local_study_is_accepted_or_refused_cleanly(fuzz_folder):
-    folder, base = fuzz_folder
-    outcome = OUTCOMES.setdefault("local schema", FuzzOutcome())
-
-    @FUZZ_SETTINGS
-    @given(mutated_studies(base))
-    def check(study):
-        validate_in(folder / "local", dump(study), outcome)
+        validate_in(folder / source, dump(study), outcome)
 
     check()
     assert outcome.refused > 0 and outcome.cases >= 200
