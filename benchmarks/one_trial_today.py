@@ -61,13 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def calibration_weights(choice: str) -> tuple[tuple[str, float], ...]:
-    parts = [part.split(":") for part in choice.split("+")]
-    raw = [(code, float(weight[0]) if weight else 1.0) for code, *weight in parts]
-    total = sum(w for _, w in raw)
-    return tuple(sorted((code, w / total) for code, w in raw))
-
-
 def run_lm_eval(args, model_dir: str, out: Path, env: dict) -> dict:
     """The stock CLI on `model_dir`; returns its wall time, phases and parsed results."""
     model_args = f"pretrained={model_dir},dtype={args.dtype}"
@@ -177,6 +170,7 @@ def main(argv=None) -> int:
     from engine.prune.pruners import make_pruner
     from engine.prune.sequential import prune_sequentially
     from engine.prune.sparsity import parse_sparsity
+    from sweep.study import parse_language_choice
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,7 +188,7 @@ def main(argv=None) -> int:
         if pruner.needs_inputs:
             started = time.time()
             source = TextSourceConfig(kind="local", path=Path(args.corpus), split=args.split)
-            windows = calibration_set(source, tokenizer, calibration_weights(args.calibration),
+            windows = calibration_set(source, tokenizer, parse_language_choice(args.calibration).weights,
                                       WindowRequest(args.samples, args.seq_len, args.seed))
             report["calibration_s"] = time.time() - started
         started = time.time()
