@@ -21,6 +21,7 @@ from engine.evaluate.suite import language_tokens, perplexity_of_tokens
 from engine.languages import get_language
 from engine.models import ModelSource, load_model
 from engine.prune.mask_io import save_masks
+from engine.prune.block_inputs import ReplayMismatch
 from engine.prune.pruners import make_pruner
 from engine.prune.sequential import prune_sequentially
 from engine.prune.sparsity import parse_sparsity
@@ -201,9 +202,12 @@ def _prune(config: TrialConfig, loaded: LoadedModel, timings: dict) -> dict:
                                       cal.source_fingerprint)
         timings["calibration"] = time.perf_counter() - started
     started = time.perf_counter()
-    report = prune_sequentially(loaded.model, pruner, parse_sparsity(pruning.sparsity), calibration,
-                                targets=list(pruning.targets) if pruning.targets else None, device=config.device,
-                                keep_masks=config.save_masks, mask_sample=config.mask_sample)
+    try:
+        report = prune_sequentially(loaded.model, pruner, parse_sparsity(pruning.sparsity), calibration,
+                                    targets=list(pruning.targets) if pruning.targets else None, device=config.device,
+                                    keep_masks=config.save_masks, mask_sample=config.mask_sample)
+    except ReplayMismatch as err:
+        raise TrialFailed(str(err)) from None  # the architecture, not chance: a retry would fail the same way
     timings["pruning"] = time.perf_counter() - started
     summary = {
         "method": report.method,

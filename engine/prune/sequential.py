@@ -1,11 +1,14 @@
 """Layer-by-layer pruning driven by calibration activations, the same for every decoder architecture.
 
-1. Run the model on the calibration batches until the first decoder block, capturing its hidden states
-   and every keyword argument it receives (attention mask, position ids, rotary embeddings, ...).
-2. For each block in turn: move it to the working device; run it on the captured inputs with hooks that
-   accumulate input statistics for its linear layers (layers fed the same tensor, q/k/v or gate/up,
-   share one statistic); prune its linear layers; run it again so the next block sees pruned outputs;
-   move it back.
+1. Let the model's own forward record, for every calibration batch, the hidden state entering the first
+   decoder block and everything it passes each block (attention mask, position ids, rotary embeddings,
+   ...: per block, since models such as Gemma 3 give each layer type its own; engine.prune.block_inputs).
+   Check on one sample that replaying the dense blocks one by one reproduces the model's own forward.
+2. For each block in turn: move it to the working device; run it on its inputs (the previous block's
+   output plus its own recorded arguments) with hooks that accumulate input statistics for its linear
+   layers (layers fed the same tensor, q/k/v or gate/up, share one statistic); prune its linear layers;
+   run it again so the next block sees pruned outputs, as the published Wanda and SparseGPT pipelines
+   do; move it back.
 Only one block and the activations live on the working device, so a model larger than the accelerator
 can be pruned on it. A model already spread over several GPUs (engine.placement) is pruned block by
 block on the GPU that holds each block, the activations following the blocks from GPU to GPU.
@@ -19,15 +22,13 @@ import torch
 from torch import nn
 
 from engine.analyze.mask_sample import sample_mask
-from engine.prune.layers import find_decoder_layers, linear_layers, move
+from engine.prune.block_inputs import (BlockCall, CalibrationBatch, Mover, block_output_hidden, capture_block_inputs,
+                                       check_replay)
+from engine.prune.layers import find_decoder_layers, linear_layers
 from engine.prune.pruners import Pruner, check_sparsity_fits
 from engine.prune.sparsegpt_math import CholeskyError
 from engine.prune.sparsity import Sparsity
 from engine.prune.statistics import InputStatistics, relative_output_error
-
-
-class _FirstBlockReached(Exception):
-    pass
 
 
 @dataclass
@@ -59,46 +60,12 @@ class PruneReport:
         return {r.name: r.info["dampening"] for r in self.layers if r.info.get("dampening_retries")}
 
 
-@dataclass(frozen=True)
-class CalibrationBatch:
-    input_ids: torch.Tensor  # (batch, seq)
-    attention_mask: torch.Tensor | None = None  # 1 for real tokens, 0 for padding
-
-
 def batches_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int) -> list[CalibrationBatch]:
     if input_ids.ndim != 2 or input_ids.shape[0] == 0:
         raise ValueError("calibration needs at least one sample: input_ids of shape (samples, seq_len)")
     return [CalibrationBatch(input_ids[i : i + batch_size],
                              None if attention_mask is None else attention_mask[i : i + batch_size])
             for i in range(0, input_ids.shape[0], batch_size)]
-
-
-@torch.no_grad()
-def capture_first_block_inputs(model: nn.Module, first_block: nn.Module,
-                               batches: list[CalibrationBatch]) -> list[tuple[tuple, dict]]:
-    captured: list[tuple[tuple, dict]] = []
-
-    def grab(module, args, kwargs):
-        captured.append((args, dict(kwargs)))
-        raise _FirstBlockReached
-
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    embed_device = model.get_input_embeddings().weight.device
-    try:
-        for batch in batches:
-            mask = None if batch.attention_mask is None else batch.attention_mask.to(embed_device)
-            try:
-                model(input_ids=batch.input_ids.to(embed_device), attention_mask=mask, use_cache=False)
-            except _FirstBlockReached:
-                continue
-            raise RuntimeError(f"{type(model).__name__} never called its first decoder block")
-    finally:
-        handle.remove()
-    return captured
-
-
-def _block_output(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class _StatisticsHooks:
@@ -162,11 +129,15 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
                        attention_mask: torch.Tensor | None = None, targets: list[str] | None = None,
                        device: str | torch.device | None = None, batch_size: int = 8, keep_masks: bool = False,
                        mask_sample: int | None = None,
-                       measure_error: bool = False, share_statistics: bool = True) -> PruneReport:
+                       measure_error: bool = False, share_statistics: bool = True,
+                       check_inputs: bool = True) -> PruneReport:
     """Prunes `model` in place. `input_ids` (samples, seq_len) are the calibration windows; methods that
     need no calibration (magnitude) take None. `measure_error` accumulates each layer's Hessian (if the
     method does not already) to report ||WX - W'X||^2 / ||WX||^2. `share_statistics=False` gives every
-    linear layer its own statistic (the plain way; for benchmarks)."""
+    linear layer its own statistic (the plain way; for benchmarks). `check_inputs` first verifies on the
+    first calibration sample that the blocks fed one by one reproduce the model's own forward
+    (engine.prune.block_inputs.check_replay; skipped when the blocks live elsewhere than `device`, where
+    the model's own forward would run on the CPU)."""
     started = time.perf_counter()
     prefix, blocks = find_decoder_layers(model)
     home = next(model.parameters()).device
@@ -184,16 +155,14 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
         for name, linear in linear_layers(block, targets).items():
             check_sparsity_fits(sparsity, linear.in_features, f"{prefix}.{index}.{name}")
 
-    inputs: list[tuple[tuple, dict]] = []
+    hidden: list[torch.Tensor] = []  # per batch: what enters the block being pruned
+    calls: list[list[BlockCall]] = []  # per block, per batch: what the model's forward passes it
     token_masks: list[torch.Tensor | None] = []
     tokens = 0
     if needs_inputs:
         if input_ids is None:
             raise ValueError(f"{pruner.method} needs calibration samples; got none")
         batches = batches_of(input_ids, attention_mask, batch_size)
-        captured = capture_first_block_inputs(model, blocks[0], batches)
-        inputs = [(move(args, device), move(kwargs, device)) for args, kwargs in captured]
-        token_masks = [b.attention_mask for b in batches]
         tokens = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
         if tokens == 0:
             raise ValueError("the calibration samples hold no real tokens (all padding)")
@@ -206,6 +175,15 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
     model_was_training = model.training
     model.eval()
     try:
+        if needs_inputs:
+            if check_inputs and (spread or devices_of(blocks) == {device}):
+                first = batches[0]
+                check_replay(model, blocks, CalibrationBatch(
+                    first.input_ids[:1], None if first.attention_mask is None else first.attention_mask[:1]))
+            captured = capture_block_inputs(model, blocks, batches)
+            hidden, calls = captured.hidden, captured.calls
+            token_masks = [b.attention_mask for b in batches]
+            del captured
         for index, block in enumerate(blocks):
             block_home = next(block.parameters()).device
             work = block_home if spread else device
@@ -213,12 +191,15 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
             linears = linear_layers(block, targets)
             hooks = None
             if needs_inputs:
-                if spread:
-                    inputs = [(move(args, work), move(kwargs, work)) for args, kwargs in inputs]
+                mover = Mover(work)  # the block's arguments on its device, each shared tensor copied once
+                block_calls = [call.moved(mover) for call in calls[index]]
+                calls[index] = []  # this block's recorded arguments are no longer needed
+                for i, h in enumerate(hidden):
+                    hidden[i] = h.to(work)
                 hooks = _StatisticsHooks(linears, with_hessian, work, share_statistics)
-                for (args, kwargs), token_mask in zip(inputs, token_masks):
+                for call, h, token_mask in zip(block_calls, hidden, token_masks):
                     hooks.new_forward(token_mask)
-                    block(*args, **kwargs)
+                    call.run(block, h)
                 hooks.remove()
                 statistics_computed += len(hooks.stats)
                 peak_statistics_bytes = max(peak_statistics_bytes, sum(st.nbytes() for st in hooks.stats.values()))
@@ -244,9 +225,9 @@ def prune_sequentially(model: nn.Module, pruner: Pruner, sparsity: Sparsity, inp
                     samples[full_name] = sample_mask(out.mask, full_name, mask_sample)
             if needs_inputs:
                 del hooks
-                for i, (args, kwargs) in enumerate(inputs):
-                    hidden = _block_output(block(*args, **kwargs))
-                    inputs[i] = ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
+                for i, call in enumerate(block_calls):  # in place: one set of activations at a time
+                    hidden[i] = block_output_hidden(call.run(block, hidden[i]))
+                del block_calls, mover
             block.to(block_home)
     finally:
         model.train(model_was_training)
