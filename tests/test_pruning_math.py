@@ -191,3 +191,30 @@ def test_hopeless_hessian_fails_clearly():
 def test_degenerate_sparsity_is_refused(value):
     with pytest.raises(ValueError):
         parse_sparsity(value)
+
+
+@pytest.mark.parametrize("values", ["continuous", "few-distinct", "all-equal"])
+@pytest.mark.parametrize("k", [0, 1, 7, 32, 63, 64])
+def test_selection_equals_the_first_k_of_a_stable_sort(values, k):
+    """Masks come from a selection (kthvalue) with ties given to the earlier position; that must be
+    exactly the first k of a stable sort, including on heavy ties."""
+    from engine.prune.masks import lowest_k_per_row
+
+    generator = torch.Generator().manual_seed(k)
+    scores = {"continuous": torch.randn(9, 64, generator=generator),
+              "few-distinct": torch.randint(0, 3, (9, 64), generator=generator).float(),
+              "all-equal": torch.ones(9, 64)}[values]
+    expected = torch.zeros_like(scores, dtype=torch.bool)
+    expected.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+    assert torch.equal(lowest_k_per_row(scores, k), expected)
+    flat = scores.reshape(1, -1)
+    expected_flat = torch.zeros_like(flat, dtype=torch.bool)
+    expected_flat.scatter_(1, torch.sort(flat, dim=1, stable=True).indices[:, :5 * k], True)
+    assert torch.equal(lowest_k_per_row(flat, 5 * k), expected_flat)
+
+
+def test_selection_with_nan_scores_puts_them_last():
+    from engine.prune.masks import lowest_k_per_row
+
+    scores = torch.tensor([[0.3, float("nan"), 0.1, 0.2]])
+    assert lowest_k_per_row(scores, 3).tolist() == [[True, False, True, True]]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.prune.masks import check_nm, exact_count, lowest_n_of_m
+from engine.prune.masks import check_nm, exact_count, lowest_k_per_row, lowest_n_of_m
 from engine.prune.sparsity import Sparsity
 
 
@@ -88,10 +88,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
             if k:
                 # the same order as the column-wise version, which ranks the (rows, width) block row-major
                 saliency = (block.pow(2) / u_diag.pow(2).unsqueeze(1)).t().contiguous()
-                flat = torch.sort(saliency.flatten(), stable=True).indices[:k]
-                chosen = torch.zeros(rows * width, dtype=torch.bool, device=w.device)
-                chosen[flat] = True
-                block_mask = chosen.view(rows, width).t().contiguous()
+                block_mask = lowest_k_per_row(saliency.reshape(1, -1), k).view(rows, width).t().contiguous()
             factor = block_mask / u_diag.unsqueeze(1)  # (width, rows): 1/d where pruned, 0 where kept
         else:
             factor = torch.empty_like(block)
