@@ -43,6 +43,19 @@ def windows_of(token_ids: Sequence[int], window: int, prefix_id: int) -> list[li
     return [[prefix_id, *token_ids[i : i + step]] for i in range(0, len(token_ids), step)]
 
 
+def batches_of_equal_length(chunks: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Consecutive windows in batches of at most `batch_size`, never mixing lengths: the last, shorter
+    window gets a batch of its own instead of being padded to a full window (which costs a full
+    window's forward pass and, with a large vocabulary, most of its time in the output layer)."""
+    batches: list[list[list[int]]] = []
+    for chunk in chunks:
+        if batches and len(batches[-1]) < batch_size and len(batches[-1][0]) == len(chunk):
+            batches[-1].append(chunk)
+        else:
+            batches.append([chunk])
+    return batches
+
+
 @torch.no_grad()
 def window_nll(model: torch.nn.Module, batch: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL (nats) per row, counting only positions whose target is a real token.
@@ -68,8 +81,7 @@ def perplexity(model: torch.nn.Module, token_ids: Sequence[int], text_bytes: int
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(chunks), batch_size):
-            group = chunks[start : start + batch_size]
+        for group in batches_of_equal_length(chunks, batch_size):
             width = max(len(c) for c in group)
             batch = torch.full((len(group), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(group), width), dtype=torch.long)
