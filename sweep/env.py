@@ -12,8 +12,15 @@ def default_demo_dir() -> Path:
 
 
 def apply_default_env() -> None:
-    """SWEEP_DEMO_DIR: where the demo assets live (default <repo>/.cache/demo)."""
+    """Where the offline assets live, for study files to name: SWEEP_DEMO_DIR (the tiny demo models and
+    their corpus, default <repo>/.cache/demo), SWEEP_CORPUS_DIR (the corpus alone, .cache/corpus) and
+    SWEEP_MODELS_DIR (real pretrained models, .cache/models)."""
+    from engine.demo.build import default_corpus_root
+    from engine.pretrained.build import default_root as default_models_root
+
     os.environ.setdefault("SWEEP_DEMO_DIR", str(default_demo_dir()))
+    os.environ.setdefault("SWEEP_CORPUS_DIR", str(default_corpus_root()))
+    os.environ.setdefault("SWEEP_MODELS_DIR", str(default_models_root()))
 
 
 def quiet_libraries() -> None:

@@ -96,6 +96,20 @@ def resolve_path(path: str, base_dir: Path) -> Path:
     return expanded if expanded.is_absolute() else (base_dir / expanded)
 
 
+# The offline assets study files name through these variables, and the command that builds each.
+ASSET_COMMANDS = {"SWEEP_MODELS_DIR": "make real-models (python -m engine.pretrained.build)",
+                  "SWEEP_CORPUS_DIR": "make corpus (python -m engine.demo.build --corpus-only)",
+                  "SWEEP_DEMO_DIR": "make assets (python -m engine.demo.build)"}
+
+
+def asset_hint(raw_path: str) -> str:
+    """What builds a missing path that lies under one of the offline asset directories."""
+    for variable, command in ASSET_COMMANDS.items():
+        if f"${{{variable}}}" in raw_path or f"${variable}" in raw_path:
+            return f"; the offline assets there are built by `{command}`"
+    return ""
+
+
 def load_study(path: str | Path) -> Study:
     path = Path(path)
     try:
@@ -246,7 +260,8 @@ class _Checker:
             return ("hub", model.hub, model.revision or "main")
         resolved = resolve_path(model.path, self.base_dir)
         if not resolved.exists():
-            self.fail(join_path(where, "path"), f"{resolved} does not exist (relative paths are read from the study file's folder, {self.base_dir})")
+            self.fail(join_path(where, "path"), f"{resolved} does not exist (relative paths are read from the study file's "
+                                                f"folder, {self.base_dir}){asset_hint(model.path)}")
             return None
         config = resolved / "config.json"
         if not config.is_file():
@@ -299,7 +314,7 @@ class _Checker:
             return None
         resolved = resolve_path(source.path, self.base_dir)
         if not resolved.is_dir():
-            self.fail(join_path(where, "path"), f"{resolved} is not a directory")
+            self.fail(join_path(where, "path"), f"{resolved} is not a directory{asset_hint(source.path)}")
             return None
         return resolved
 
@@ -424,7 +439,8 @@ class _Checker:
         if ev.include_path is not None:
             resolved = resolve_path(ev.include_path, self.base_dir)
             if not resolved.is_dir():
-                self.fail("evaluation.include_path", f"{resolved} is not a directory of lm-eval task YAML files")
+                self.fail("evaluation.include_path",
+                          f"{resolved} is not a directory of lm-eval task YAML files{asset_hint(ev.include_path)}")
         if ev.perplexity is None and not ev.tasks:
             self.fail("evaluation", "measures nothing: add perplexity: and/or tasks:")
         for t, task in enumerate(ev.tasks):

@@ -195,6 +195,16 @@ def test_local_sources_must_exist_and_cover_languages(tmp_path, hub_study, capsy
     assert_rejected(capsys, write_study(tmp_path, study), "calibration.source.path:", "elsewhere is not a directory")
 
 
+def test_missing_offline_assets_name_the_command_that_builds_them(tmp_path, hub_study, capsys, monkeypatch):
+    monkeypatch.setenv("SWEEP_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("SWEEP_CORPUS_DIR", str(tmp_path / "corpus-root"))
+    study = mutate(hub_study, "models.0", {"path": "${SWEEP_MODELS_DIR}/gemma3-270m"})
+    study = mutate(study, "calibration.source", {"kind": "local", "path": "${SWEEP_CORPUS_DIR}/corpus"})
+    assert_rejected(capsys, write_study(tmp_path, study),
+                    "gemma3-270m does not exist", "built by `make real-models (python -m engine.pretrained.build)`",
+                    "corpus is not a directory; the offline assets there are built by `make corpus")
+
+
 def test_local_model_path_must_exist(tmp_path, hub_study, capsys):
     study = mutate(hub_study, "models.0", {"path": "models/missing"})
     assert_rejected(capsys, write_study(tmp_path, study), "models[0].path:", "models/missing does not exist")

@@ -43,6 +43,7 @@ from engine.demo.corpus import (
 BUILD_VERSION = 1
 METADATA = "metadata.json"
 ENV_ROOT = "SWEEP_DEMO_DIR"
+ENV_CORPUS_ROOT = "SWEEP_CORPUS_DIR"
 
 Log = Callable[[str], None]
 
@@ -84,6 +85,12 @@ class DemoRecipe:
             train=TrainRecipe(seq_len=64, batch_size=8, steps=200, lr=1e-2, warmup_steps=20, precision="fp32"),
             eval_seq_len=64,
         )
+
+    @classmethod
+    def corpus_only(cls, seed: int = 0) -> DemoRecipe:
+        """The corpus (and its tokenizer) without the demo models: what studies of real pretrained models
+        calibrate and evaluate on. The corpus is the very one the full recipe builds."""
+        return cls(seed=seed, models=())
 
     def corpus_config(self) -> CorpusConfig:
         return CorpusConfig(
@@ -146,6 +153,22 @@ def repo_root() -> Path:
 def default_root() -> Path:
     env = os.environ.get(ENV_ROOT)
     return Path(env).expanduser() if env else repo_root() / ".cache" / "demo"
+
+
+def default_corpus_root() -> Path:
+    env = os.environ.get(ENV_CORPUS_ROOT)
+    return Path(env).expanduser() if env else repo_root() / ".cache" / "corpus"
+
+
+def ensure_corpus(root: Path | None = None, force: bool = False, log: Log = print) -> DemoAssets:
+    """The offline corpus alone (DemoRecipe.corpus_only) with its lm-eval tasks, at `root` (default
+    $SWEEP_CORPUS_DIR, else <repo>/.cache/corpus): seconds to build, no model training."""
+    from engine.demo.tasks import ensure_demo_tasks
+
+    assets = ensure_demo_assets(root if root is not None else default_corpus_root(), DemoRecipe.corpus_only(),
+                                force=force, log=log)
+    ensure_demo_tasks(assets)
+    return assets
 
 
 def read_metadata(root: Path) -> dict | None:
@@ -243,7 +266,7 @@ def build_assets(out: Path, recipe: DemoRecipe, log: Log = print) -> dict:
         tok_config = tok_mod.TokenizerConfig(
             vocab_size=recipe.vocab_size,
             min_frequency=recipe.tokenizer_min_frequency,
-            model_max_length=max(m.max_position_embeddings for m in recipe.models),
+            model_max_length=max((m.max_position_embeddings for m in recipe.models), default=recipe.eval_seq_len),
         )
         tokenizer = tok_mod.train_tokenizer(calibration_text, tok_config)
         tok_mod.save_tokenizer(tokenizer, out / "tokenizer")
@@ -367,8 +390,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=None, help=f"asset directory (default ${ENV_ROOT} or .cache/demo)")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached assets match the recipe")
     parser.add_argument("--tiny", action="store_true", help="build the seconds-scale test variant")
+    parser.add_argument("--corpus-only", action="store_true",
+                        help=f"the corpus and its lm-eval tasks alone, no models (default root ${ENV_CORPUS_ROOT} "
+                             "or .cache/corpus): what the real-model studies read")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.corpus_only:
+        assets = ensure_corpus(args.root.expanduser().resolve() if args.root else None, force=args.force,
+                               log=lambda s: print(s, flush=True))
+        print(f"corpus at {assets.root}: {', '.join(assets.languages)}; sources "
+              + "; ".join(f"{s['name']} {s['version']} ({s['licence']})" for s in assets.metadata["sources"]))
+        return 0
     recipe = DemoRecipe.tiny(seed=args.seed) if args.tiny else DemoRecipe(seed=args.seed)
     root = args.root.expanduser().resolve() if args.root else default_root().resolve()
     if not args.force and cached_assets(root, recipe) is not None:
