@@ -124,7 +124,8 @@ def format_plan(plan: Plan, show_trials: bool = True) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sweep.demo import run_demo
 
-    return run_demo(force_assets=args.rebuild_assets, report_dir=Path(args.report_dir))
+    return run_demo(force_assets=args.rebuild_assets, report_dir=Path(args.report_dir) if args.report_dir else None,
+                    tiny=args.tiny)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -305,9 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write the report (default reports/<study>)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="build the offline demo assets and run the demo study")
+    p = sub.add_parser("demo", help="build the offline assets and run the demo study (Gemma 3 270M; --tiny: the "
+                                    "small models trained here)")
+    p.add_argument("--tiny", action="store_true", help="the two small demo models over the whole demo grid")
     p.add_argument("--rebuild-assets", action="store_true")
-    p.add_argument("--report-dir", default="reports/demo")
+    p.add_argument("--report-dir", default=None, help="default reports/demo (reports/demo-tiny with --tiny)")
     p.set_defaults(func=cmd_demo)
     return parser
 

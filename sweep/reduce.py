@@ -86,7 +86,9 @@ def over_seeds(tidy: pl.LazyFrame) -> pl.LazyFrame:
 def target_ranks(seeds: pl.LazyFrame, languages: list[str]) -> pl.LazyFrame:
     """Per (model, pruner, sparsity, target, task, metric): the rank of calibrating in the target language
     among the single-language calibrations present (1 = best; ties share the better rank), how many were
-    ranked, and the best calibration. A missing own cell has no rank."""
+    ranked, and the best calibration. `own_is_best` only when the own calibration is best alone;
+    `own_tied_best` when it shares the best value with another calibration (a tie is not a win). A
+    missing own cell has no rank."""
     single = seeds.filter(~pl.col("dense") & pl.col("calibration").is_in(languages))
     direction = pl.col("metric").is_in(list(LOWER_IS_BETTER))
     score = pl.when(direction).then(pl.col("mean")).otherwise(-pl.col("mean"))
@@ -98,9 +100,12 @@ def target_ranks(seeds: pl.LazyFrame, languages: list[str]) -> pl.LazyFrame:
                                pl.col("mean").first().alias("best_value")))
     own = ranked.filter(pl.col("calibration") == pl.col("target")).select(
         *key, pl.col("mean").alias("own_value"), "rank")
-    targets = ranked.group_by(key).agg(pl.col("_score").count().alias("ranked"))
+    targets = ranked.group_by(key).agg(pl.col("_score").count().alias("ranked"),
+                                       (pl.col("_score") == pl.col("_score").min()).sum().alias("_at_best"))
     return (targets.join(own, on=key, how="left").join(best, on=key, how="left")
-            .with_columns((pl.col("rank") == 1).alias("own_is_best")))
+            .with_columns(((pl.col("rank") == 1) & (pl.col("_at_best") == 1)).alias("own_is_best"),
+                          ((pl.col("rank") == 1) & (pl.col("_at_best") > 1)).alias("own_tied_best"))
+            .drop("_at_best"))
 
 
 def downstream(seeds: pl.LazyFrame) -> pl.LazyFrame:

@@ -214,10 +214,12 @@ def findings(tables: StudyTables) -> list[str]:
             if group.is_empty():
                 continue
             wins = int(group["own_is_best"].sum())
+            ties = int(group["own_tied_best"].sum())
             best = "lowest" if lower_is_better(metric) else "highest"
             lines.append(f"{model}, {pruner} {sparsity}: calibrating in the target language gave the {best} "
-                         f"{METRIC_NAMES.get(metric, metric)} in {wins} of {group.height} target languages "
-                         f"(mean rank {group['rank'].mean():.2f} among {int(group['ranked'].max())} calibration languages)")
+                         f"{METRIC_NAMES.get(metric, metric)} in {wins} of {group.height} target languages"
+                         f"{_tied(ties)} (mean rank {group['rank'].mean():.2f} among {int(group['ranked'].max())} "
+                         "calibration languages)")
     accuracy = [m for t, m in main_metrics(tables) if t == "average"]
     averages = tables.tasks.filter((pl.col("task") == "average") & ~pl.col("dense")
                                    & pl.col("metric").is_in(accuracy))
@@ -227,11 +229,19 @@ def findings(tables: StudyTables) -> list[str]:
         own = group.filter(pl.col("calibration") == pl.col("target"))
         if own.is_empty():
             continue
-        best = group.group_by("target").agg(pl.col("mean").max().alias("best"))
-        wins = own.join(best, on="target").filter(pl.col("mean") >= pl.col("best")).height
+        others = (group.filter(pl.col("calibration") != pl.col("target"))
+                  .group_by("target").agg(pl.col("mean").max().alias("best_other")))
+        compared = own.join(others, on="target")
+        wins = compared.filter(pl.col("mean") > pl.col("best_other")).height
+        ties = compared.filter(pl.col("mean") == pl.col("best_other")).height
         lines.append(f"{model}, {pruner} {sparsity}: calibrating in the target language gave the highest mean "
-                     f"downstream accuracy in {wins} of {own.height} target languages")
+                     f"downstream accuracy in {wins} of {own.height} target languages{_tied(ties)}")
     return lines
+
+
+def _tied(ties: int) -> str:
+    """Ties are not wins: they are said apart."""
+    return f" and tied for it in {ties} more" if ties else ""
 
 
 # -- HTML ------------------------------------------------------------------------------------------

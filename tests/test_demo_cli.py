@@ -47,7 +47,7 @@ def test_demo_runs_and_writes_its_report(demo_assets, tmp_path):
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(study))
 
-    assert run_demo(report_dir=tmp_path / "report", study_path=path) == 0
+    assert run_demo(report_dir=tmp_path / "report", study_path=path, tiny=True) == 0
     report = tmp_path / "report"
     html = (report / "index.html").read_text(encoding="utf-8")
     assert "Dense baselines" in html and "Calibration language x target language" in html
@@ -63,3 +63,26 @@ def test_demo_runs_and_writes_its_report(demo_assets, tmp_path):
     for value in bpb["value"]:
         # uniform over bytes is 8 bits per byte; a trained model is far below it
         assert math.isfinite(value) and 0 < value < 4
+
+
+def test_real_model_demo_runs_and_writes_its_report(tmp_path):
+    """`make demo`'s path: Gemma 3 270M built from the package index, the corpus, `sweep run` and the
+    report, on a smaller slice of the quick study (one calibration language, two target languages)."""
+    from sweep.demo import DEMO_STUDY, run_demo
+
+    study = yaml.safe_load(DEMO_STUDY.read_text())
+    study["calibration"]["languages"] = ["sw"]
+    study["evaluation"]["languages"] = ["en", "sw"]
+    study["execution"].update(output_dir=str(tmp_path / "runs"), max_actors=1, cpus_per_actor=2)  # one model load
+    path = tmp_path / "quick.yaml"
+    path.write_text(yaml.safe_dump(study))
+
+    assert run_demo(report_dir=tmp_path / "report", study_path=path) == 0
+    html = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    assert "gemma3-270m / wanda 0.5: bits per byte" in html and "Gemma Terms of Use" in html
+    tidy = pl.read_csv(tmp_path / "report" / "tables" / "tidy.csv")
+    bpb = tidy.filter((pl.col("task") == "perplexity") & (pl.col("metric") == "bits_per_byte"))
+    by_method = {method: values for method, values in
+                 bpb.group_by("pruner").agg(pl.col("value").mean()).iter_rows()}
+    # on a real LLM calibrated pruning keeps far more than magnitude pruning
+    assert by_method["wanda"] < by_method["magnitude"]

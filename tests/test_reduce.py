@@ -109,3 +109,21 @@ def test_downstream_per_task_and_average(tables):
     assert by_task["t"]["change"] == pytest.approx(-0.05)
     failed = tables.tasks.filter((pl.col("pruner") == "sparsegpt") & (pl.col("task") == "average"))
     assert failed["mean"].to_list() == [None, None]
+
+
+def test_a_tie_for_best_is_not_a_win():
+    from sweep.reduce import target_ranks
+
+    def cell(calibration, target, value, metric="acc"):
+        return {"model": "m", "pruner": "wanda", "sparsity": "0.5", "calibration": calibration, "target": target,
+                "task": "t", "metric": metric, "mean": value, "dense": False}
+
+    seeds = pl.DataFrame([cell("en", "en", 0.5), cell("de", "en", 0.5), cell("sw", "en", 0.25),  # en ties de
+                          cell("en", "de", 0.25), cell("de", "de", 0.75), cell("sw", "de", 0.5),   # de alone
+                          cell("en", "sw", 1.0, "bits_per_byte"), cell("sw", "sw", 1.0, "bits_per_byte")]).lazy()
+    ranks = {(r["target"], r["metric"]): r for r in target_ranks(seeds, ["en", "de", "sw"]).collect().iter_rows(named=True)}
+    assert (ranks[("en", "acc")]["rank"], ranks[("en", "acc")]["own_is_best"], ranks[("en", "acc")]["own_tied_best"]) \
+        == (1, False, True)
+    assert (ranks[("de", "acc")]["own_is_best"], ranks[("de", "acc")]["own_tied_best"]) == (True, False)
+    assert (ranks[("sw", "bits_per_byte")]["own_is_best"], ranks[("sw", "bits_per_byte")]["own_tied_best"]) \
+        == (False, True)

@@ -11,9 +11,10 @@ multiple-choice task and a `loglikelihood_rolling` (perplexity) task, then saved
 * `lm_eval --model hf --model_args pretrained=<saved dir>,...` run as a subprocess, offline, reports the
   same documents (task hashes) and the same metrics as the in-memory evaluation.
 
-Two cases: demo-llama in float32 with `dtype=float32` given to the CLI (what the README shows), and
+Three cases: demo-llama in float32 with `dtype=float32` given to the CLI (what the README shows),
 demo-cohere (tied embeddings, logit scale) in bfloat16 with no dtype given, so the CLI's `dtype=auto`
-must find bfloat16 in the saved config.
+must find bfloat16 in the saved config, and the real Gemma 3 270M in float32 (slow: built from the
+package index).
 
 Torch runs single-threaded on both sides (as in test_lm_eval_tasks.py): the same kernels over the same
 batches then give bit-identical log-likelihoods, so the metrics are compared at 1e-9 relative.
@@ -49,8 +50,14 @@ ROLLING_TASK = "demo_text_sw"  # loglikelihood_rolling: word/byte perplexity, bi
 # both, as the CLI does: the same requests then meet in the same batches.
 LIMIT = 12
 BATCH_SIZE = 4
-# (model, dtype it is loaded, pruned and saved in, dtype argument given to the CLI: None = lm-eval's "auto")
-CASES = {"llama-fp32": ("demo-llama", "float32", "float32"), "cohere-bf16": ("demo-cohere", "bfloat16", None)}
+# (model, dtype it is loaded, pruned and saved in, dtype argument given to the CLI: None = lm-eval's "auto",
+#  documents per task)
+CASES = {"llama-fp32": ("demo-llama", "float32", "float32", LIMIT),
+         "cohere-bf16": ("demo-cohere", "bfloat16", None, LIMIT),
+         # the real Gemma 3 270M (sliding and full attention layers, tied embeddings, a 262k vocabulary that
+         # makes every token cost as much as the 18 blocks together: fewer documents)
+         "gemma3-fp32": ("gemma3-270m", "float32", "float32", 4)}
+REAL = {"gemma3-270m": "gemma3_270m_dir"}  # model -> the fixture that gives its directory
 
 
 def rolling_task_yaml(data_file: Path) -> str:
@@ -98,19 +105,20 @@ def include(offline, tmp_path_factory):
     return assets, folder
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=[pytest.param(case, marks=pytest.mark.slow) if CASES[case][0] in REAL else case
+                                        for case in CASES])
 def trial(request, include, tmp_path_factory):
     """The trial's result, the dense weights, the pruning masks and the dense model's task metrics."""
     from engine.prune.mask_io import load_masks
 
     assets, include_dir = include
-    model_name, dtype, cli_dtype = CASES[request.param]
+    model_name, dtype, cli_dtype, limit = CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    base = str(assets.model_dirs[model_name])
+    base = str(request.getfixturevalue(REAL[model_name]) if model_name in REAL else assets.model_dirs[model_name])
     loaded = load(ModelSource(base, dtype=dtype))
     dense = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
     corpus = lambda split: TextSourceConfig(kind="local", path=assets.corpus_dir, split=split)  # noqa: E731
-    tasks = (TaskConfig(CHOICE_TASK, "de", 0, LIMIT), TaskConfig(ROLLING_TASK, "sw", 0, LIMIT))
+    tasks = (TaskConfig(CHOICE_TASK, "de", 0, limit), TaskConfig(ROLLING_TASK, "sw", 0, limit))
     config = TrialConfig(
         key="v1-savedmodeltest0000", name=f"{model_name}.wanda.s50.cal-{CALIBRATION_LANGUAGE}.seed{SEED}",
         evaluation=EvaluationConfig(languages=("de", "sw"), perplexity=None, tasks=tasks, include_path=include_dir,
@@ -131,7 +139,7 @@ def trial(request, include, tmp_path_factory):
                      for metric, value in entry["metrics"].items()}
     return {"case": request.param, "dtype": dtype, "cli_dtype": cli_dtype, "result": result, "config": config,
             "base": base, "include": include_dir, "dense": dense, "masks": masks, "root": root,
-            "dense_metrics": dense_metrics}
+            "dense_metrics": dense_metrics, "limit": limit}
 
 
 def metric_rows(result: dict) -> dict[tuple[str, str], float]:
@@ -206,7 +214,7 @@ def test_the_stock_lm_eval_cli_gives_the_in_memory_numbers(trial):
         "--model_args", model_args,
         "--tasks", f"{CHOICE_TASK},{ROLLING_TASK}",
         "--include_path", str(trial["include"]),
-        "--limit", str(LIMIT),
+        "--limit", str(trial["limit"]),
         "--device", "cpu",
         "--batch_size", str(BATCH_SIZE),
         "--output_path", str(output),
@@ -223,7 +231,7 @@ def test_the_stock_lm_eval_cli_gives_the_in_memory_numbers(trial):
     assert cli["config"]["model_dtype"] == str(getattr(torch, trial["dtype"]))
     ours = {row["task"]: row for row in trial["result"]["metrics"]}
     for task in (CHOICE_TASK, ROLLING_TASK):
-        assert cli["n-samples"][task]["effective"] == LIMIT == ours[task]["samples"]
+        assert cli["n-samples"][task]["effective"] == trial["limit"] == ours[task]["samples"]
         assert cli["task_hashes"][task] == ours[task]["task_hash"]  # the same documents, prompts and targets
     worst = 0.0
     for (task, metric), value in metric_rows(trial["result"]).items():
