@@ -120,14 +120,6 @@ def gemma3_270m_dir() -> Path:
     return ensure_model("gemma3-270m", log=lambda line: print(line, flush=True))
 
 
-@pytest.fixture(scope="session")
-def smollm2_135m_dir() -> Path:
-    """SmolLM2-135M-Instruct (Llama architecture) as a Hugging Face model directory, built once."""
-    from engine.pretrained.build import ensure_model
-
-    return ensure_model("smollm2-135m-instruct", log=lambda line: print(line, flush=True))
-
-
 @pytest.fixture(scope="module")
 def gemma3_270m(gemma3_270m_dir):
     """(model, tokenizer), float32 on the CPU; tests that change weights restore them."""

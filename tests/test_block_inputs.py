@@ -260,7 +260,7 @@ def test_every_buildable_family_is_fed_exactly_or_refused():
         if model is None:
             skipped.append(model_type)
             continue
-        ids = torch.randint(3, 100, (4, 3 * WINDOW), generator=torch.Generator().manual_seed(1))
+        ids = torch.randint(3, 100, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(1))
         try:
             expected_inputs, expected_last, _ = own_forward(model, ids)
             statistics, hand_on, last = driver_block_inputs(model, ids)
@@ -287,10 +287,3 @@ def test_real_gemma3_blocks_are_fed_the_models_own_inputs(gemma3_270m):
     for seq_len in (64, window + 88):  # inside and past its 512-token sliding window
         ids = torch.randint(10, 200_000, (2, seq_len), generator=torch.Generator().manual_seed(seq_len))
         assert_fed_own_inputs(model, ids, batch_size=1)
-
-
-@pytest.mark.slow
-def test_real_smollm2_blocks_are_fed_the_models_own_inputs(smollm2_135m_dir):
-    model = AutoModelForCausalLM.from_pretrained(smollm2_135m_dir, dtype=torch.float32).eval()
-    ids = torch.randint(10, 49_000, (2, 200), generator=torch.Generator().manual_seed(5))
-    assert_fed_own_inputs(model, ids, batch_size=1)

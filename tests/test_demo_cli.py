@@ -65,24 +65,16 @@ def test_demo_runs_and_writes_its_report(demo_assets, tmp_path):
         assert math.isfinite(value) and 0 < value < 4
 
 
-def test_real_model_demo_runs_and_writes_its_report(tmp_path):
-    """`make demo`'s path: Gemma 3 270M built from the package index, the corpus, `sweep run` and the
-    report, on a smaller slice of the quick study (one calibration language, two target languages)."""
-    from sweep.demo import DEMO_STUDY, run_demo
+def test_real_model_demo_assets_and_study(capsys):
+    """`make demo`'s own parts (`run_demo` itself is exercised above on the tiny models): Gemma 3 270M
+    built from the package index and the corpus, the report's model and licence sections, and the quick
+    study, which validates against them and plans the dense model, magnitude and three Wanda trials."""
+    from sweep.demo import DEMO_STUDY, real_model_assets
 
-    study = yaml.safe_load(DEMO_STUDY.read_text())
-    study["calibration"]["languages"] = ["sw"]
-    study["evaluation"]["languages"] = ["en", "sw"]
-    study["execution"].update(output_dir=str(tmp_path / "runs"), max_actors=1, cpus_per_actor=2)  # one model load
-    path = tmp_path / "quick.yaml"
-    path.write_text(yaml.safe_dump(study))
-
-    assert run_demo(report_dir=tmp_path / "report", study_path=path) == 0
-    html = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
-    assert "gemma3-270m / wanda 0.5: bits per byte" in html and "Gemma Terms of Use" in html
-    tidy = pl.read_csv(tmp_path / "report" / "tables" / "tidy.csv")
-    bpb = tidy.filter((pl.col("task") == "perplexity") & (pl.col("metric") == "bits_per_byte"))
-    by_method = {method: values for method, values in
-                 bpb.group_by("pruner").agg(pl.col("value").mean()).iter_rows()}
-    # on a real LLM calibrated pruning keeps far more than magnitude pruning
-    assert by_method["wanda"] < by_method["magnitude"]
+    assets = real_model_assets()
+    assert assets.metadata["model"]["name"] == "gemma3-270m"
+    sections = "\n".join(assets.sections)
+    assert "Gemma Terms of Use" in sections and "gemma-3-270m-q4_k_m.gguf" in sections
+    assert "Corpus sources" in sections and "dataset-build" in sections
+    assert main(["validate", str(DEMO_STUDY)]) == 0
+    assert "5 trials (4 pruned + 1 dense baselines)" in capsys.readouterr().out

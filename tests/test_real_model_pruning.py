@@ -35,11 +35,11 @@ def test_wanda_and_sparsegpt_beat_magnitude_in_every_language_and_dense_beats_al
     model, tokenizer = gemma3_270m
     snapshot = DenseSnapshot(model)
     source = TextSourceConfig(kind="local", path=corpus.corpus_dir, split="calibration")
-    windows = calibration_set(source, tokenizer, ((CALIBRATION_LANGUAGE, 1.0),), WindowRequest(8, 256, 0), tmp_path)
+    windows = calibration_set(source, tokenizer, ((CALIBRATION_LANGUAGE, 1.0),), WindowRequest(8, 128, 0), tmp_path)
     texts = {lang: read_split(corpus.corpus_dir, lang, "evaluation") for lang in LANGUAGES}
 
     def bits_per_byte() -> dict[str, float]:
-        results = perplexity_by_language(model, tokenizer, texts, window=256, max_tokens=255, batch_size=1)
+        results = perplexity_by_language(model, tokenizer, texts, window=128, max_tokens=127, batch_size=4)
         return {lang: result.bits_per_byte for lang, result in results.items()}
 
     measured = {"dense": bits_per_byte()}

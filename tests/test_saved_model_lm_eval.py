@@ -132,11 +132,14 @@ def trial(request, include, tmp_path_factory):
     print(f"\n[{request.param}] run_trial (prune, in-memory lm-eval, save): {time.perf_counter() - started:.1f} s "
           f"{ {k: round(v, 2) for k, v in result['timings'].items()} }")
     masks = load_masks(Path(result["pruning"]["masks_path"]))
-    # run_trial restored the dense weights: the dense model's numbers, to show the pruned ones differ.
-    dense_out = run_tasks(loaded.model, loaded.tokenizer, [TaskRequest(t.name, t.shots, t.limit) for t in tasks],
-                          include_path=include_dir, batch_size=BATCH_SIZE)
-    dense_metrics = {(name, metric): value for name, entry in dense_out["tasks"].items()
-                     for metric, value in entry["metrics"].items()}
+    # run_trial restored the dense weights: the dense model's numbers, to show the pruned ones differ (on the
+    # demo models; on Gemma, whose every token costs as much as its 18 blocks, they are left out).
+    dense_metrics = {}
+    if model_name not in REAL:
+        dense_out = run_tasks(loaded.model, loaded.tokenizer, [TaskRequest(t.name, t.shots, t.limit) for t in tasks],
+                              include_path=include_dir, batch_size=BATCH_SIZE)
+        dense_metrics = {(name, metric): value for name, entry in dense_out["tasks"].items()
+                         for metric, value in entry["metrics"].items()}
     return {"case": request.param, "dtype": dtype, "cli_dtype": cli_dtype, "result": result, "config": config,
             "base": base, "include": include_dir, "dense": dense, "masks": masks, "root": root,
             "dense_metrics": dense_metrics, "limit": limit}
@@ -242,9 +245,10 @@ def test_the_stock_lm_eval_cli_gives_the_in_memory_numbers(trial):
     print(f"largest relative difference: {worst:.3g}")
     # ... and they are the pruned model's numbers, not the base model's.
     dense = trial["dense_metrics"]
-    print(f"dense model, in memory: {ROLLING_TASK} bits_per_byte {dense[(ROLLING_TASK, 'bits_per_byte')]!r}, "
-          f"{CHOICE_TASK} acc {dense[(CHOICE_TASK, 'acc')]!r}")
-    assert cli["results"][ROLLING_TASK]["bits_per_byte,none"] != dense[(ROLLING_TASK, "bits_per_byte")]
+    if dense:
+        print(f"dense model, in memory: {ROLLING_TASK} bits_per_byte {dense[(ROLLING_TASK, 'bits_per_byte')]!r}, "
+              f"{CHOICE_TASK} acc {dense[(CHOICE_TASK, 'acc')]!r}")
+        assert cli["results"][ROLLING_TASK]["bits_per_byte,none"] != dense[(ROLLING_TASK, "bits_per_byte")]
 
 
 class _Tokenizer:
