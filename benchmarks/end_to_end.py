@@ -3,11 +3,11 @@
     python benchmarks/end_to_end.py [--trials N] [--jobs 2] [--json out.json] [--keep] [--analyses]
                                     [--order ab|ba] [--no-windowing-check] [--workdir DIR]
 
-Both modes run the same trials (the first N of the study's plan, `sweep.grid.expand` order; default all
+Both modes run the same trials (the first N of the study's plan, `sweep.study.grid.expand` order; default all
 46 of `sweep/studies/demo.yaml`) on this machine, one after the other in one run, with the same
 parallelism and into fresh output directories:
 
-(a) `sweep run`: `sweep.run.run_study` (what the CLI calls) in its own process, with an embedded Ray of
+(a) `sweep run`: `sweep.execution.driver.run_study` (what the CLI calls) in its own process, with an embedded Ray of
     `--jobs` CPUs: `--jobs` worker actors, each holding one model and running trial after trial on it
     (model affinity), evaluating in memory (engine perplexity + lm-eval tasks on the loaded model).
 (b) today: `--jobs` processes at a time (a thread pool over subprocesses), one per trial, each running
@@ -133,7 +133,7 @@ def task_folders(study, models: dict[str, dict], folder: Path) -> dict:
     from transformers import AutoTokenizer
 
     from engine.trial import evaluation_tokens
-    from sweep.trials import evaluation_config
+    from sweep.study.trials import evaluation_config
 
     ev = evaluation_config(study)
     out = {}
@@ -174,7 +174,7 @@ def task_samples(study, include: Path) -> dict[str, list[int]]:
     the perplexity tasks can run unlimited in the same lm_eval call."""
     from lm_eval.tasks import TaskManager
 
-    from sweep.trials import resolved_tasks
+    from sweep.study.trials import resolved_tasks
 
     tasks = resolved_tasks(study)
     loaded = TaskManager(include_path=str(include), include_defaults=False).load([t.name for t in tasks])["tasks"]
@@ -197,8 +197,8 @@ def max_length_of(path: str) -> int:
 # ----------------------------------------------------------------------------------- (a) sweep run
 def sweep_child(study: str, out: str, n: int) -> int:
     """The (a) driver process: `run_study` on an embedded Ray, the plan cut to its first `n` trials."""
-    import sweep.run as run
-    from sweep.grid import Plan
+    import sweep.execution.driver as run
+    from sweep.study.grid import Plan
 
     if n > 0:
         full = run.expand
@@ -296,7 +296,7 @@ def sweep_metrics(events: list[dict]) -> dict[str, dict]:
 
 # --------------------------------------------------------------------------------------- (b) today
 def today_command(study, trial, models: dict, folders: dict, samples: dict, out: Path) -> list[str]:
-    from sweep.trials import resolved_tasks
+    from sweep.study.trials import resolved_tasks
 
     spec = study.spec
     model = models[trial.model_label]
@@ -387,7 +387,7 @@ def breakdown_today(run: dict, slots: int) -> dict:
 
 
 def today_metrics(run: dict, study) -> dict[str, dict]:
-    from sweep.trials import resolved_tasks
+    from sweep.study.trials import resolved_tasks
 
     language_of = {t.name: t.language for t in resolved_tasks(study)}
     ppl = {PPL_TASK.format(lang=lang): lang for lang in study.spec.evaluation.languages}
@@ -439,7 +439,7 @@ def windowing_check(study, models: dict, folders: dict, folder: Path, a_metrics:
     from engine.evaluate.suite import perplexity_of_tokens
     from engine.models import ModelSource
     from engine.trial import evaluation_tokens, load
-    from sweep.trials import evaluation_config
+    from sweep.study.trials import evaluation_config
 
     ev = evaluation_config(study)
     env = dict(os.environ, **OFFLINE, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
@@ -599,9 +599,9 @@ def main(argv=None) -> int:
 
     from engine.demo import ensure_demo_assets
     from engine.demo.tasks import ensure_demo_tasks
-    from sweep.env import apply_default_env, quiet_libraries
-    from sweep.grid import expand
-    from sweep.study import load_study
+    from sweep.study.env import apply_default_env, quiet_libraries
+    from sweep.study.grid import expand
+    from sweep.study.load import load_study
 
     apply_default_env()
     quiet_libraries()

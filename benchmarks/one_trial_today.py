@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     from engine.prune.pruners import make_pruner
     from engine.prune.sequential import prune_sequentially
     from engine.prune.sparsity import parse_sparsity
-    from sweep.study import parse_language_choice
+    from sweep.study.load import parse_language_choice
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil  # noqa: E402  (a dependency of ray[default])
 import ray  # noqa: E402
 
-from sweep.scheduler import Job, Scheduler, SchedulerConfig, Shape  # noqa: E402
-from sweep.store import StudyStore  # noqa: E402
+from sweep.execution.scheduler import Job, Scheduler, SchedulerConfig, Shape  # noqa: E402
+from sweep.store.study_store import StudyStore  # noqa: E402
 
 
 class NoopWorker:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 GIB = 2**30
 WEIGHT_SHARE = 0.8  # of each GPU's memory, for weights; the rest holds calibration activations,
-                    # Hessians and evaluation logits (see sweep.estimate for those sizes)
+                    # Hessians and evaluation logits (see sweep.plan.estimate for those sizes)
 
 
 class ModelDoesNotFit(RuntimeError):

@@ -37,8 +37,8 @@ def build_argv(args: list[str]) -> list[str]:
 
 def main(args: list[str] | None = None) -> int:
     try:
-        from sweep.cli import main as sweep_main
-        from sweep.env import REPO_ROOT
+        from sweep.cli.main import main as sweep_main
+        from sweep.study.env import REPO_ROOT
     except ImportError as problem:
         print(f"error: the calibration-sweep package is not installed for {sys.executable} ({problem}); "
               "cluster.yaml's setup_commands install it on every node (`ray up cluster.yaml` again "

@@ -215,9 +215,9 @@ def test_preflight_reports_short_text_before_any_trial(tokenizer, corpus, tmp_pa
     text, raised from the study and tokenizers alone, before anything is pruned."""
     import yaml
 
-    from sweep.preflight import check_calibration_text, needed_tokens
-    from sweep.problems import StudyInvalid
-    from sweep.study import load_study
+    from sweep.plan.preflight import check_calibration_text, needed_tokens
+    from sweep.study.problems import StudyInvalid
+    from sweep.study.load import load_study
 
     study_data = {
         "name": "short",

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import yaml
 
-from sweep.cli import main
+from sweep.cli.main import main
 from tests.conftest import STUDIES
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def test_demo_study_validates_and_plans(demo_assets, capsys):
 def test_demo_runs_and_writes_its_report(demo_assets, tmp_path):
     """The demo's path on a smaller grid (two languages, Wanda and SparseGPT): every trial runs, and the
     report holds dense baselines, the calibration x target matrices and the task accuracies."""
-    from sweep.demo import run_demo
+    from sweep.cli.demo import run_demo
 
     study = yaml.safe_load((STUDIES / "demo.yaml").read_text())
     study["calibration"]["languages"] = ["en", "sw"]
@@ -69,7 +69,7 @@ def test_real_model_demo_assets_and_study(capsys):
     """`make demo`'s own parts (`run_demo` itself is exercised above on the tiny models): Gemma 3 270M
     built from the package index and the corpus, the report's model and licence sections, and the quick
     study, which validates against them and plans the dense model, magnitude and three Wanda trials."""
-    from sweep.demo import DEMO_STUDY, real_model_assets
+    from sweep.cli.demo import DEMO_STUDY, real_model_assets
 
     assets = real_model_assets()
     assert assets.metadata["model"]["name"] == "gemma3-270m"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from sweep.estimate import ModelShape, estimate_memory, format_estimates
+from sweep.plan.estimate import ModelShape, estimate_memory, format_estimates
 
 LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False}
@@ -45,12 +45,12 @@ def test_memory_warnings():
 
 
 def test_time_per_trial_reproduces_the_gpu_benchmark_it_comes_from():
-    """The rates in sweep.estimate.MEASURED, put through engine.flops, give back the seconds that
+    """The rates in sweep.plan.estimate.MEASURED, put through engine.flops, give back the seconds that
     benchmarks/gpu_trial.py measured (its recorded result), for every stage."""
     import json
     from pathlib import Path
 
-    from sweep.estimate import MEASURED, trial_seconds
+    from sweep.plan.estimate import MEASURED, trial_seconds
 
     reports = Path(__file__).parent.parent / "reports/gpu"
     run = json.loads((reports / "gpu_trial_after.json").read_text())
@@ -77,10 +77,10 @@ def test_plan_estimate_gives_gpu_hours_per_model(tmp_path, capsys):
 
     import yaml
 
-    from sweep.cli import main
-    from sweep.estimate import study_time_estimates
-    from sweep.grid import expand
-    from sweep.study import load_study
+    from sweep.cli.main import main
+    from sweep.plan.estimate import study_time_estimates
+    from sweep.study.grid import expand
+    from sweep.study.load import load_study
 
     folder = tmp_path / "llama3-8b"
     folder.mkdir()

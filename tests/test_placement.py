@@ -166,9 +166,9 @@ def test_sweep_run_refuses_a_model_too_large_for_its_accelerator_before_starting
 
     import yaml
 
-    from sweep.cli import main
-    from sweep.fit import check_model_fit
-    from sweep.study import load_study
+    from sweep.cli.main import main
+    from sweep.plan.fit import check_model_fit
+    from sweep.study.load import load_study
 
     folder = tmp_path / "llama3-70b"
     folder.mkdir()

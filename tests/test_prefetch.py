@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweep.cli import main
+from sweep.cli.main import main
 from tests.conftest import REPO, light_demo_study, write_study
 
 COMMIT = "c0ffee" + "0" * 34  # a commit hash as the hub cache names snapshots
@@ -24,7 +24,7 @@ COMMIT = "c0ffee" + "0" * 34  # a commit hash as the hub cache names snapshots
 @pytest.fixture(scope="module")
 def assets():
     from engine.demo import ensure_demo_assets
-    from sweep.env import apply_default_env
+    from sweep.study.env import apply_default_env
 
     apply_default_env()
     return ensure_demo_assets(log=print)
@@ -80,7 +80,7 @@ def hub_study(tmp_path: Path, models: list[dict], calibration_source: dict, perp
 def sweep_cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     full = {**os.environ, "PYTHONPATH": str(REPO), **env}
     full.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "sweep.cli", *args], cwd=cwd, env=full, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sweep.cli.main", *args], cwd=cwd, env=full, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -94,10 +94,10 @@ def test_prefetch_fills_the_cache_trials_read_and_they_no_longer_need_the_source
     dataset folder gone, the trials' own calibration and evaluation paths still get the same tokens."""
     from engine.data.calibration import WindowRequest, calibration_set
     from engine.trial import evaluation_tokens
-    from sweep.grid import expand
-    from sweep.prefetch import plan_prefetch, run_prefetch
-    from sweep.study import load_study
-    from sweep.trials import evaluation_config, trial_config
+    from sweep.study.grid import expand
+    from sweep.plan.prefetch import plan_prefetch, run_prefetch
+    from sweep.study.load import load_study
+    from sweep.study.trials import evaluation_config, trial_config
     from transformers import AutoTokenizer
 
     monkeypatch.chdir(tmp_path)  # "hubdata/corpus" resolves here, as a hub id resolves on the hub
@@ -191,7 +191,7 @@ def test_model_files_selected_are_what_a_trial_loads():
     repository listing): a Llama-3 repository's original/ checkpoint and .bin/.pth duplicates are left."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from sweep.prefetch import IGNORE_PATTERNS, model_patterns
+    from sweep.plan.prefetch import IGNORE_PATTERNS, model_patterns
 
     listing = [".gitattributes", "LICENSE", "README.md", "USE_POLICY.md", "config.json", "generation_config.json",
                "model-00001-of-00004.safetensors", "model-00004-of-00004.safetensors", "model.safetensors.index.json",
@@ -211,7 +211,7 @@ def test_hub_errors_become_one_line_naming_the_model_and_the_fix():
     import httpx2
     from huggingface_hub.utils import hf_raise_for_status
 
-    from sweep.prefetch import ModelItem, hub_error_line
+    from sweep.plan.prefetch import ModelItem, hub_error_line
 
     model = ModelItem(0, "llama3-8b", "meta-llama/Meta-Llama-3-8B-Instruct", None, None, False)
 
@@ -232,7 +232,7 @@ def test_hub_errors_become_one_line_naming_the_model_and_the_fix():
 
 
 def test_bad_input_exits_2_naming_the_problem_and_writes_nothing(assets, tmp_path, monkeypatch, capsys):
-    from sweep.prefetch import CACHE_ENV_VARS
+    from sweep.plan.prefetch import CACHE_ENV_VARS
 
     for name in CACHE_ENV_VARS:  # restored after the test: --cache-dir sets them in this process
         monkeypatch.setenv(name, os.environ.get(name, str(tmp_path / "unused")))
@@ -261,10 +261,10 @@ def test_bad_input_exits_2_naming_the_problem_and_writes_nothing(assets, tmp_pat
 
 
 def test_run_options_reach_the_workers():
-    """`sweep run --offline` and `--cache-dir` set variables that sweep.ray_runtime forwards to every worker."""
-    from sweep.cli import build_parser
-    from sweep.prefetch import OFFLINE_ENV, cache_env
-    from sweep.ray_runtime import FORWARDED_ENV_PREFIXES
+    """`sweep run --offline` and `--cache-dir` set variables that sweep.execution.ray_runtime forwards to every worker."""
+    from sweep.cli.main import build_parser
+    from sweep.plan.prefetch import OFFLINE_ENV, cache_env
+    from sweep.execution.ray_runtime import FORWARDED_ENV_PREFIXES
 
     forwarded = [*OFFLINE_ENV, *cache_env("/x")]
     assert all(name.startswith(FORWARDED_ENV_PREFIXES) for name in forwarded)
@@ -296,7 +296,7 @@ def test_sweep_runs_offline_after_prefetch_with_the_dataset_gone(assets, tmp_pat
                     timeout=600)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "warning: --offline" not in ran.stderr  # the model is in the cache
-    from sweep.store import StudyStore
+    from sweep.store.study_store import StudyStore
 
     events = StudyStore(tmp_path / "runs" / "hubby").read_events().events
     finished = [e for e in events if e.get("event") == "finished"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sweep.store import StudyStore
+from sweep.store.study_store import StudyStore
 from tests.conftest import REPO, light_demo_study
 
 pytestmark = pytest.mark.slow
@@ -155,7 +155,7 @@ def assets():
 
 @pytest.fixture(scope="module")
 def head(assets):
-    from sweep.env import default_demo_dir
+    from sweep.study.env import default_demo_dir
 
     root = Path(tempfile.mkdtemp(prefix="swj-", dir="/tmp"))  # short: Ray's socket paths must stay < 107 bytes
     marker = str(root)

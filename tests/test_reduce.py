@@ -6,7 +6,7 @@ import math
 import polars as pl
 import pytest
 
-from sweep.reduce import reduce_study
+from sweep.results.reduce import reduce_study
 
 LANGS = ["en", "de"]
 
@@ -112,7 +112,7 @@ def test_downstream_per_task_and_average(tables):
 
 
 def test_a_tie_for_best_is_not_a_win():
-    from sweep.reduce import target_ranks
+    from sweep.results.reduce import target_ranks
 
     def cell(calibration, target, value, metric="acc"):
         return {"model": "m", "pruner": "wanda", "sparsity": "0.5", "calibration": calibration, "target": target,

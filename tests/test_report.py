@@ -10,9 +10,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from sweep.cli import main
-from sweep.report import build_report
-from sweep.store import StudyStore
+from sweep.cli.main import main
+from sweep.results.report import build_report
+from sweep.store.study_store import StudyStore
 
 
 def trial(key, pruner="dense", calibration=None, seed=None):

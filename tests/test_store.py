@@ -9,7 +9,7 @@ import sys
 import polars as pl
 import pytest
 
-from sweep.store import StoreLocked, StudyStore
+from sweep.store.study_store import StoreLocked, StudyStore
 from tests.conftest import REPO
 
 
@@ -68,7 +68,7 @@ def test_second_driver_refuses(tmp_path):
 
 
 def test_stale_lock_of_a_dead_driver_is_taken_over(tmp_path):
-    code = ("import sys; from sweep.store import StudyStore; s = StudyStore(sys.argv[1]); s.acquire(); "
+    code = ("import sys; from sweep.store.study_store import StudyStore; s = StudyStore(sys.argv[1]); s.acquire(); "
             "s.append({'event': 'started', 'key': 'x'}); import os; os._exit(0)")  # dies holding the lock
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], check=True, cwd=REPO)
     holder = json.loads((tmp_path / "s" / "driver.lock").read_text())

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweep.cli import main
-from sweep.study import load_study
+from sweep.cli.main import main
+from sweep.study.load import load_study
 from tests.conftest import STUDIES, write_study
 
 
@@ -292,7 +292,7 @@ def test_accelerator_type_needs_gpus_and_unknown_types_warn(tmp_path, hub_study,
 
 
 def test_node_capacity_counts_only_nodes_with_the_accelerator():
-    from sweep.scheduler import Shape, node_capacity
+    from sweep.execution.scheduler import Shape, node_capacity
 
     h100_node = {"GPU": 8.0, "CPU": 96.0, "accelerator_type:H100": 1.0}
     a10g_node = {"GPU": 4.0, "CPU": 48.0, "accelerator_type:A10G": 1.0}

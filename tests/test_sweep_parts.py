@@ -10,13 +10,13 @@ import time
 import polars as pl
 import pytest
 
-from sweep import store as store_module
-from sweep.progress import LiveProgress, Summary, estimate_eta, format_duration, format_summary
-from sweep.scheduler import Job, Scheduler, SchedulerConfig, Shape, _Slot
-from sweep.status import summarize
-from sweep.storage import FsspecLocation, LocalLocation, open_location
-from sweep.store import StoreLocked, StudyStore
-from sweep.worker import injected_fault
+from sweep.store import study_store as store_module
+from sweep.results.progress import LiveProgress, Summary, estimate_eta, format_duration, format_summary
+from sweep.execution.scheduler import Job, Scheduler, SchedulerConfig, Shape, _Slot
+from sweep.results.status import summarize
+from sweep.store.locations import FsspecLocation, LocalLocation, open_location
+from sweep.store.study_store import StoreLocked, StudyStore
+from sweep.execution.worker import injected_fault
 
 CPU = Shape(gpus=0, cpus=1)
 GPU4 = Shape(gpus=4, cpus=8)
@@ -177,7 +177,7 @@ def test_status_summary_of_a_running_study():
 
 
 def test_stage_medians_per_model_and_method():
-    from sweep.run_stats import stage_medians
+    from sweep.results.run_stats import stage_medians
 
     def finished(model, method, **timings):
         return _event("finished", "k", model=model, timings=timings, pruning={"method": method} if method else None)
@@ -220,7 +220,7 @@ def test_fault_injection_matches_name_and_attempt(monkeypatch):
 def test_hub_repo_template_is_checked():
     from pydantic import ValidationError
 
-    from sweep.spec import SaveModelsSpec
+    from sweep.study.schema import SaveModelsSpec
 
     assert SaveModelsSpec(enabled=True, hub_repo="me/{model}-{pruner}-{sparsity}-cal-{calibration}-seed{seed}")
     with pytest.raises(ValidationError, match="unknown field"):

@@ -20,8 +20,8 @@ import polars as pl
 import pytest
 import yaml
 
-from sweep.run import RunOptions, run_study
-from sweep.store import StudyStore
+from sweep.execution.driver import RunOptions, run_study
+from sweep.store.study_store import StudyStore
 from tests.conftest import REPO, in_process_cluster, light_demo_study
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def assets():
 
 
 def sweep_env(**extra: str) -> dict:
-    from sweep.env import default_demo_dir
+    from sweep.study.env import default_demo_dir
 
     env = {**os.environ, "SWEEP_DEMO_DIR": str(default_demo_dir()), "RAY_AUTH_MODE": "token", **extra}
     env.pop("RAY_ADDRESS", None)
@@ -43,13 +43,13 @@ def sweep_env(**extra: str) -> dict:
 
 
 def sweep_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sweep.cli", *args], cwd=REPO, env=env or sweep_env(),
+    return subprocess.run([sys.executable, "-m", "sweep.cli.main", *args], cwd=REPO, env=env or sweep_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def spawn_sweep(*args: str, env: dict | None = None, log: Path) -> subprocess.Popen:
     handle = open(log, "w")
-    return subprocess.Popen([sys.executable, "-m", "sweep.cli", *args], cwd=REPO, env=env or sweep_env(),
+    return subprocess.Popen([sys.executable, "-m", "sweep.cli.main", *args], cwd=REPO, env=env or sweep_env(),
                             stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -358,7 +358,7 @@ def test_bad_study_directory_url_is_refused_before_any_work(assets, tmp_path):
 
 
 def test_analyses_of_the_demo_grid_appear_in_the_report(reference, tmp_path):
-    from sweep.report import build_report
+    from sweep.results.report import build_report
 
     _, out, _ = reference
     page = build_report(out, tmp_path / "report").read_text(encoding="utf-8")
@@ -433,8 +433,8 @@ def test_saved_pruned_model_loads_and_gives_the_same_perplexity(assets, tmp_path
     from engine.trial import load
     from engine.models import ModelSource
     from engine.evaluate.suite import perplexity_of_tokens
-    from sweep.study import load_study
-    from sweep.trials import evaluation_config
+    from sweep.study.load import load_study
+    from sweep.study.trials import evaluation_config
 
     path = light_demo_study(tmp_path, models=("demo-llama",), languages=["sw"],
                             pruners=[{"method": "wanda", "sparsity": 0.5}])

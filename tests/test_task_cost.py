@@ -11,8 +11,8 @@ import yaml
 from engine import flops
 from engine.demo import ensure_demo_assets
 from engine.demo.tasks import ensure_demo_tasks, task_name
-from sweep.estimate import ModelShape, trial_seconds
-from sweep.task_cost import TaskCost, loglikelihood_batches, task_cost
+from sweep.plan.estimate import ModelShape, trial_seconds
+from engine.evaluate.task_cost import TaskCost, loglikelihood_batches, task_cost
 from tests.conftest import OFFLINE, environment
 
 LETTER_TASK = "letters_en"  # multiple choice answered by one token: lm-eval computes each question once
@@ -113,7 +113,7 @@ def test_counted_batches_are_the_batches_lm_eval_runs(include, model):
 
 
 def test_plan_estimate_counts_the_demo_tasks(capsys):
-    from sweep.cli import main
+    from sweep.cli.main import main
     from tests.conftest import STUDIES
 
     ensure_demo_tasks(ensure_demo_assets())

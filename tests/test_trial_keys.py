@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from sweep.grid import KEY_VERSION, expand
-from sweep.study import load_study
+from sweep.study.grid import KEY_VERSION, expand
+from sweep.study.load import load_study
 from tests.conftest import REPO, STUDIES, write_study
 from tests.test_study_validation import mutate
 
@@ -36,7 +36,7 @@ def test_reference_keys_are_pinned():
 
 
 def test_keys_equal_across_processes():
-    code = ("import json; from sweep.grid import expand; from sweep.study import load_study; "
+    code = ("import json; from sweep.study.grid import expand; from sweep.study.load import load_study; "
             f"print(json.dumps({{t.name: t.key for t in expand(load_study({str(STUDIES / 'kurz2024.yaml')!r})).trials}}))")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": str(seed), "PATH": "/usr/bin:/bin"}, cwd=REPO).stdout

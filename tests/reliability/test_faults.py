@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sweep.run import RunOptions, run_study
+from sweep.execution.driver import RunOptions, run_study
 from tests.conftest import in_process_cluster, light_demo_study
 from tests.test_sweep_run import assert_same_results, events, of_kind, results_table, spawn_sweep, sweep_cli, sweep_env
 
@@ -299,4 +299,4 @@ def test_disk_full_under_the_event_log_stops_cleanly_then_resumes(reference, tmp
 def spawn_cmd() -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "sweep.cli"]
+    return [sys.executable, "-m", "sweep.cli.main"]

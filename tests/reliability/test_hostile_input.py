@@ -30,10 +30,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sweep.cli import main, report_invalid
-from sweep.grid import expand
-from sweep.problems import StudyInvalid, join_path
-from sweep.study import load_study, study_from_data
+from sweep.cli.main import main, report_invalid
+from sweep.study.grid import expand
+from sweep.study.problems import StudyInvalid, join_path
+from sweep.study.load import load_study, study_from_data
 from tests.conftest import HUB_STUDY
 
 HERE = Path(__file__).resolve().parent

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweep.yaml_loader import StudyFileError, _StrictLoader, load_yaml_text
+from sweep.study.yaml_loader import StudyFileError, _StrictLoader, load_yaml_text
 from tests.conftest import REPO, light_demo_study
 
 CORPUS = Path(__file__).resolve().parent / "bad_studies"
@@ -122,8 +122,8 @@ def nan_model(source: Path, target: Path) -> Path:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     from engine.demo import ensure_demo_assets
-    from sweep.env import default_demo_dir
-    from sweep.run import RunOptions, run_study
+    from sweep.study.env import default_demo_dir
+    from sweep.execution.driver import RunOptions, run_study
 
     ensure_demo_assets(log=print)
     directory = tmp_path_factory.mktemp("secure")
@@ -140,7 +140,7 @@ def small_run(tmp_path_factory):
 
 
 def events(directory: Path) -> list[dict]:
-    from sweep.store import StudyStore
+    from sweep.store.study_store import StudyStore
 
     return StudyStore(directory).read_events().events
 

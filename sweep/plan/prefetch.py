@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sweep.grid import Plan
-from sweep.study import Study
+from sweep.study.grid import Plan
+from sweep.study.load import Study
 
 # What a trial loads from a model repository (engine.models.load_model): top-level files only.
 MODEL_PATTERNS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -135,9 +135,9 @@ class PrefetchPlan:
 
 
 def trial_cache_dir(study: Study, out: str | Path | None = None) -> Path | None:
-    """The cache directory `sweep run` hands its trials (sweep.run.build_jobs): `<study dir>/cache` for a
+    """The cache directory `sweep run` hands its trials (sweep.execution.driver.build_jobs): `<study dir>/cache` for a
     local study directory; None for object storage, where each worker uses its node's default."""
-    from sweep.storage import LocalLocation, is_url
+    from sweep.store.locations import LocalLocation, is_url
 
     location = out or study.output_location
     if is_url(location):
@@ -146,8 +146,8 @@ def trial_cache_dir(study: Study, out: str | Path | None = None) -> Path | None:
 
 
 def node_cache_dir() -> Path:
-    """The cache a worker uses when the study directory is not local (sweep.worker), on this node."""
-    from sweep.worker import _default_cache_dir
+    """The cache a worker uses when the study directory is not local (sweep.execution.worker), on this node."""
+    from sweep.execution.worker import _default_cache_dir
 
     return _default_cache_dir()
 
@@ -155,7 +155,7 @@ def node_cache_dir() -> Path:
 def plan_prefetch(study: Study, plan: Plan, out: str | Path | None = None) -> PrefetchPlan:
     """What the study's trials would read from outside: no network, no tokenizer (grouping by tokenizer
     happens when the tokenizers are at hand)."""
-    from sweep.trials import evaluation_config, resolved_tasks, trial_config
+    from sweep.study.trials import evaluation_config, resolved_tasks, trial_config
 
     spec = study.spec
     models = tuple(ModelItem(i, m.label, m.hub, str(study.model_paths[i]) if m.hub is None else None, m.revision,
@@ -731,7 +731,7 @@ def _prefetch_tasks(tasks: tuple[TaskItem, ...], dry_run: bool) -> list[ItemResu
 # ---------------------------------------------------------------------------------------- every node
 def _node_task(plan: PrefetchPlan, dry_run: bool) -> dict:
     """What runs on each node (a Ray task pinned there)."""
-    from sweep.env import quiet_libraries
+    from sweep.study.env import quiet_libraries
 
     quiet_libraries()
     try:
@@ -750,7 +750,7 @@ def prefetch_each_node(plan: PrefetchPlan, address: str, dry_run: bool = False,
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from sweep.ray_runtime import RayTarget, start_ray, stop_ray, worker_env
+    from sweep.execution.ray_runtime import RayTarget, start_ray, stop_ray, worker_env
 
     start_ray(RayTarget(address))
     try:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import polars as pl
 
-from sweep.figures import heatmap_png
-from sweep.reduce import StudyTables, calibration_matrix, load_tables, lower_is_better
-from sweep.run_stats import RunStats, run_stats
-from sweep.store import StudyStore
+from sweep.results.figures import heatmap_png
+from sweep.results.reduce import StudyTables, calibration_matrix, load_tables, lower_is_better
+from sweep.results.run_stats import RunStats, run_stats
+from sweep.store.study_store import StudyStore
 
 PERPLEXITY_METRICS = ("bits_per_byte", "token_perplexity")
 METRIC_NAMES = {"bits_per_byte": "bits per byte", "token_perplexity": "token perplexity", "acc": "accuracy",
@@ -66,8 +66,8 @@ def build_report(study_dir: Path | str, out_dir: Path, extra_sections: list[str]
 def analysis_sections(study_dir, plan: dict, finished: set[str], tables: StudyTables, out_dir: Path) -> list[str]:
     """The mask, neuron and subspace analyses the study switched on, as report sections (tables written
     beside the report as analysis-*.csv / .parquet, figures as PNG)."""
-    from sweep.analyses import AnalysisSettings, run_analyses
-    from sweep.figures import iou_png, lape_png, snr_png
+    from sweep.results.analyses import AnalysisSettings, run_analyses
+    from sweep.results.figures import iou_png, lape_png, snr_png
 
     config = plan.get("analyses") or {}
     on = {name: bool((config.get(name) or {}).get("enabled")) for name in ("masks", "lape", "subspace")}

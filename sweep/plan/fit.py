@@ -7,8 +7,8 @@ before `sweep run` starts anything; the worker repeats the check against the mem
 """
 from __future__ import annotations
 
-from sweep.problems import Problem
-from sweep.study import Study
+from sweep.study.problems import Problem
+from sweep.study.load import Study
 
 GIB = 2**30
 # Memory a process sees on one GPU of each Ray accelerator type (torch's total_memory), in GiB.

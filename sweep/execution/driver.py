@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweep.env import REPO_ROOT
-from sweep.grid import Plan, TrialSpec, expand
-from sweep.problems import StudyInvalid
-from sweep.progress import LiveProgress, Summary, estimate_eta, format_duration
-from sweep.ray_runtime import RayTarget, node_count, start_ray, stop_ray, worker_env
-from sweep.store import StoreLocked, StudyStore
-from sweep.study import Study, load_study
+from sweep.study.env import REPO_ROOT
+from sweep.study.grid import Plan, TrialSpec, expand
+from sweep.study.problems import StudyInvalid
+from sweep.results.progress import LiveProgress, Summary, estimate_eta, format_duration
+from sweep.execution.ray_runtime import RayTarget, node_count, start_ray, stop_ray, worker_env
+from sweep.store.study_store import StoreLocked, StudyStore
+from sweep.study.load import Study, load_study
 
 EXIT_OK, EXIT_FAILED_TRIALS, EXIT_INVALID, EXIT_LOCKED, EXIT_STORE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -76,8 +76,8 @@ def plan_record(plan: Plan) -> dict:
 
 def run_study(study_path: str | Path, options: RunOptions, out=None, err=None) -> RunOutcome:
     out, err = out or sys.stdout, err or sys.stderr
-    from sweep.cli import report_invalid
-    from sweep.env import apply_default_env
+    from sweep.cli.main import report_invalid
+    from sweep.study.env import apply_default_env
 
     apply_default_env()
     try:
@@ -112,10 +112,10 @@ def run_study(study_path: str | Path, options: RunOptions, out=None, err=None) -
 
 def preflight(study: Study) -> list:
     """Checks that need the models' files: every model fits the GPUs its accelerator_type names (see
-    sweep.fit), and local calibration text is long enough for every tokenizer. Raises StudyInvalid;
+    sweep.plan.fit), and local calibration text is long enough for every tokenizer. Raises StudyInvalid;
     returns notes on what could not be checked here."""
-    from sweep.fit import check_model_fit
-    from sweep.preflight import check_calibration_text
+    from sweep.plan.fit import check_model_fit
+    from sweep.plan.preflight import check_calibration_text
 
     problems, notes = check_model_fit(study)
     if problems:
@@ -188,8 +188,8 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
               out, err, frozen: str, current: set[str], finished_before: int, failed_before: int) -> RunOutcome:
     import ray
 
-    from sweep.scheduler import Scheduler, SchedulerConfig, SchedulingError, cluster_capacity, largest_node
-    from sweep.worker import ModelWorker
+    from sweep.execution.scheduler import Scheduler, SchedulerConfig, SchedulingError, cluster_capacity, largest_node
+    from sweep.execution.worker import ModelWorker
 
     execution = study.spec.execution
     jobs, shapes = build_jobs(study, todo, state, store)
@@ -300,9 +300,9 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
 
 
 def build_jobs(study: Study, todo: list[TrialSpec], state, store: StudyStore):
-    from sweep.scheduler import Job, Shape
-    from sweep.trials import evaluation_config, hub_repo, model_source, trial_config
-    from sweep.worker import TrialTask
+    from sweep.execution.scheduler import Job, Shape
+    from sweep.study.trials import evaluation_config, hub_repo, model_source, trial_config
+    from sweep.execution.worker import TrialTask
 
     execution = study.spec.execution
     evaluation = evaluation_config(study)
@@ -325,6 +325,6 @@ def build_jobs(study: Study, todo: list[TrialSpec], state, store: StudyStore):
 
 
 def _driver_versions() -> dict:
-    from sweep.worker import library_versions
+    from sweep.execution.worker import library_versions
 
     return {"python": sys.version.split()[0], **library_versions()}

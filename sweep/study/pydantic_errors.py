@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from sweep.problems import Problem, join_path
+from sweep.study.problems import Problem, join_path
 
 # Loc entries pydantic adds for union members ("str", "MixSpec", "list[...]"): not study-file fields.
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|union\[.*\]|[A-Z]\w*|[a-z]+(?:-[a-z]+)+(?:\[.*\])?)$")

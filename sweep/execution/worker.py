@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweep.artifacts import publish_directory
+from sweep.store.artifacts import publish_directory
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class ModelWorker:
 
     @staticmethod
     def _quiet() -> None:
-        from sweep.env import quiet_libraries
+        from sweep.study.env import quiet_libraries
 
         quiet_libraries()
 

@@ -1,4 +1,4 @@
-"""From a planned trial (sweep.grid.TrialSpec) to what the engine runs (engine.trial.TrialConfig)."""
+"""From a planned trial (sweep.study.grid.TrialSpec) to what the engine runs (engine.trial.TrialConfig)."""
 from __future__ import annotations
 
 import re
@@ -10,9 +10,9 @@ from engine.fingerprint import files_fingerprint
 from engine.models import ModelSource
 from engine.trial import (CalibrationConfig, EvaluationConfig, PerplexityConfig, PruningConfig, TaskConfig,
                           TrialConfig)
-from sweep.grid import TrialSpec
-from sweep.spec import TextSource
-from sweep.study import Study
+from sweep.study.grid import TrialSpec
+from sweep.study.schema import TextSource
+from sweep.study.load import Study
 
 
 def text_source(study: Study, source: TextSource) -> TextSourceConfig:

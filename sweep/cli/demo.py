@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from sweep.env import REPO_ROOT, apply_default_env, quiet_libraries
-from sweep.grid import expand
-from sweep.problems import StudyInvalid
-from sweep.report import build_report
-from sweep.study import load_study
+from sweep.study.env import REPO_ROOT, apply_default_env, quiet_libraries
+from sweep.study.grid import expand
+from sweep.study.problems import StudyInvalid
+from sweep.results.report import build_report
+from sweep.study.load import load_study
 
 if TYPE_CHECKING:
-    from sweep.run import RunOptions
+    from sweep.execution.driver import RunOptions
 
 STUDIES = REPO_ROOT / "sweep" / "studies"
 DEMO_STUDY = STUDIES / "gemma3-270m-quick.yaml"
@@ -64,7 +64,7 @@ def run_demo(force_assets: bool = False, report_dir: Path | None = None, study_p
              options: "RunOptions | None" = None, tiny: bool = False) -> int:
     """Builds the assets, runs the demo study with `sweep run` (an embedded Ray on this machine), and
     writes the demo's report (reports/demo, or reports/demo-tiny with `tiny`)."""
-    from sweep.run import EXIT_FAILED_TRIALS, RunOptions, run_study
+    from sweep.execution.driver import EXIT_FAILED_TRIALS, RunOptions, run_study
 
     apply_default_env()
     quiet_libraries()
@@ -77,7 +77,7 @@ def run_demo(force_assets: bool = False, report_dir: Path | None = None, study_p
     except StudyInvalid as err:
         print(err, file=sys.stderr)
         return 2
-    from sweep.cli import format_plan
+    from sweep.cli.main import format_plan
 
     print(format_plan(expand(study), show_trials=False))
     options = options or RunOptions()
@@ -97,7 +97,7 @@ def model_sections(provenance: dict) -> list[str]:
     """The real model: where it comes from, its licence and how it was converted."""
     import polars as pl
 
-    from sweep.report import table_html
+    from sweep.results.report import table_html
 
     conversion = provenance.get("conversion", {})
     rows = [["model", provenance.get("name", "")], ["weights", provenance.get("upstream", "")],
@@ -115,7 +115,7 @@ def model_sections(provenance: dict) -> list[str]:
 def corpus_sections(meta: dict) -> list[str]:
     import polars as pl
 
-    from sweep.report import table_html
+    from sweep.results.report import table_html
 
     sources = meta.get("sources") or []
     if not sources:
@@ -130,7 +130,7 @@ def demo_sections(meta: dict) -> list[str]:
     """The tiny demo models and their corpus, for the tiny demo's report."""
     import polars as pl
 
-    from sweep.report import table_html
+    from sweep.results.report import table_html
 
     sections = []
     models = meta.get("models") or {}

@@ -2,7 +2,7 @@
 
 The scheduler knows nothing of pruning: a job is a key, the model it needs loaded (its affinity group),
 the actor shape that model needs, and an opaque payload the actor's `run` method understands. Actors
-answer `run(job_payload, model, attempt)` with a reply dict (see `sweep.worker`), and `info()` with where
+answer `run(job_payload, model, attempt)` with a reply dict (see `sweep.execution.worker`), and `info()` with where
 they run.
 
 Policy

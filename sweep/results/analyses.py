@@ -29,7 +29,7 @@ import torch
 from engine.analyze.collect import load_statistics
 from engine.analyze.metrics import (activation_probability, iou, language_specific, language_subspace, lape,
                                     neuron_changes, packed_iou, subspace_snr)
-from sweep.store import StudyStore
+from sweep.store.study_store import StudyStore
 
 LAYER = re.compile(r"(?:^|\.)(\d+)\.(.+)$")
 LAPE_BINS = 24

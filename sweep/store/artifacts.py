@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sweep.storage import open_location
+from sweep.store.locations import open_location
 
 
 def publish_directory(local: Path, destination: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ Time is each stage's matrix-product FLOPs (engine/flops.py) over the rate benchm
 achieved for that stage on one H100 (MEASURED below), scaled by the GPU's bf16 peak over the H100's.
 A model spread over several GPUs runs one block at a time, so it takes as long as on one fast enough
 GPU while holding all of its GPUs: GPU-hours are seconds x gpus. lm-eval tasks are included only with
-`--tasks` (sweep/task_cost.py counts the positions lm-eval's own batches make the model compute, from
+`--tasks` (engine/evaluate/task_cost.py counts the positions lm-eval's own batches make the model compute, from
 each task's data and the model's tokenizer; they run at the perplexity rate, so lm-eval's per-request
 Python and its full-vocabulary log-softmax come on top). Not included: model loads (once per actor and
 model) and queueing.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import flops
-from sweep.study import Study
+from sweep.study.load import Study
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
@@ -170,7 +170,7 @@ class TimeEstimate:
     trials: dict  # method ("dense" for the baseline) -> trial count
     seconds: dict  # method -> seconds per trial
     evaluation_known: bool  # False when evaluation.perplexity.max_tokens is unset (time then excludes it)
-    tasks: object = None  # sweep.task_cost.TaskCost, when counted
+    tasks: object = None  # engine.evaluate.task_cost.TaskCost, when counted
     tasks_note: str | None = None  # why the tasks are not counted, when they were asked for
 
     @property
@@ -182,7 +182,7 @@ def trial_seconds(shape: ModelShape, method: str | None, calibration_tokens: int
                   evaluation_tokens: int, window: int, gpu_tflops: float,
                   measured: Throughput = MEASURED, tasks=None) -> float:
     """Seconds for one trial (`method` None: the dense baseline, evaluation only); `tasks` a
-    sweep.task_cost.TaskCost, run at the perplexity rate."""
+    engine.evaluate.task_cost.TaskCost, run at the perplexity rate."""
     scale = gpu_tflops / measured.datasheet_tflops
     seconds = flops.evaluation(shape.dims, evaluation_tokens, window) / (measured.perplexity * scale * 1e12)
     if tasks is not None and tasks.positions:
@@ -202,8 +202,8 @@ def model_task_cost(study: Study, index: int):
     from transformers import AutoConfig, AutoTokenizer
 
     from engine.evaluate.tasks import TaskRequest
-    from sweep.task_cost import task_cost
-    from sweep.trials import evaluation_config
+    from engine.evaluate.task_cost import task_cost
+    from sweep.study.trials import evaluation_config
 
     spec = study.spec.models[index]
     source = str(study.model_paths[index]) if spec.path is not None else spec.hub
@@ -220,8 +220,8 @@ def model_task_cost(study: Study, index: int):
 
 
 def study_time_estimates(study: Study, trials, gpu_tflops: float, count_tasks: bool = False) -> list[TimeEstimate]:
-    """Per model: trials by method and seconds per trial, for the planned `trials` (sweep.grid.TrialSpec);
-    with `count_tasks`, the lm-eval tasks' work counted in (sweep/task_cost.py)."""
+    """Per model: trials by method and seconds per trial, for the planned `trials` (sweep.study.grid.TrialSpec);
+    with `count_tasks`, the lm-eval tasks' work counted in (engine/evaluate/task_cost.py)."""
     spec = study.spec
     methods = {p.label: p.method for p in spec.pruners}
     perplexity = spec.evaluation.perplexity

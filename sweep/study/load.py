@@ -20,10 +20,10 @@ from engine.data.local_files import find_language_files
 from engine.languages import LANGUAGES, closest_codes
 from engine.prune.params import PRUNER_PARAMS
 from engine.prune.sparsity import parse_sparsity
-from sweep.problems import Problem, StudyInvalid, join_path
-from sweep.pydantic_errors import problems_from_validation_error
-from sweep.spec import HUB_ID, SLUG, MixSpec, ModelSpec, StudySpec, TextSource
-from sweep.yaml_loader import StudyFileError, load_yaml_file
+from sweep.study.problems import Problem, StudyInvalid, join_path
+from sweep.study.pydantic_errors import problems_from_validation_error
+from sweep.study.schema import HUB_ID, SLUG, MixSpec, ModelSpec, StudySpec, TextSource
+from sweep.study.yaml_loader import StudyFileError, load_yaml_file
 
 SOURCE_CODE_FIELDS = ("lang", "code", "mc4", "flores", "iso639_3")
 LOCAL_SPLIT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # a file stem or folder name: no '/', '..' or glob

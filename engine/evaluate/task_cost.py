@@ -7,7 +7,7 @@ for all requests that share a context and differ only in a one-token continuatio
 answers "A"/"B"/...), each row truncated to the model's length and padded to its batch's longest. Only
 the model call is left out: `HFLM` runs here on a meta-device copy of the model (no weights), and the
 batches are recorded instead of run. The result is the positions the GPU computes per trial, which
-`sweep.estimate` turns into seconds with the perplexity rate measured on the H100.
+`sweep.plan.estimate` turns into seconds with the perplexity rate measured on the H100.
 
 `generate_until` requests are counted as their context plus `max_gen_toks` positions (an upper bound:
 generation may stop early), and flagged.

@@ -1,5 +1,5 @@
 """The study directory: a frozen study file, append-only event logs, artifacts, a driver lock, and the
-results compacted to Parquet for the reducer. A local folder or an object-store URL (see sweep.storage).
+results compacted to Parquet for the reducer. A local folder or an object-store URL (see sweep.store.locations).
 
     <root>/study.yaml                  the study file as first run (later versions: study.<time>.yaml)
     <root>/plan.json                   the trials of the latest run's study version (for `sweep status`)
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from sweep.storage import Location, open_location
+from sweep.store.locations import Location, open_location
 
 TERMINAL = ("finished", "failed")
 LEASE_S = 900.0  # a lock whose heartbeat is older than this, held from another host, is stale

@@ -8,16 +8,16 @@ import signal
 import sys
 from pathlib import Path
 
-from sweep.grid import Plan, expand
-from sweep.problems import StudyInvalid
-from sweep.study import Study, load_study
+from sweep.study.grid import Plan, expand
+from sweep.study.problems import StudyInvalid
+from sweep.study.load import Study, load_study
 
 EXIT_OK = 0
 EXIT_INVALID = 2
 
 
 def _load(path: str) -> Study:
-    from sweep.env import apply_default_env
+    from sweep.study.env import apply_default_env
 
     apply_default_env()
     return load_study(Path(path))
@@ -75,7 +75,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(format_plan(plan, show_trials=not args.summary and not args.estimate))
     if args.estimate:
-        from sweep.estimate import format_estimates, format_time_estimates, study_estimates, study_time_estimates
+        from sweep.plan.estimate import format_estimates, format_time_estimates, study_estimates, study_time_estimates
 
         try:
             table, problems = format_estimates(study_estimates(study), args.gpu_memory_gib)
@@ -122,7 +122,7 @@ def format_plan(plan: Plan, show_trials: bool = True) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sweep.demo import run_demo
+    from sweep.cli.demo import run_demo
 
     return run_demo(force_assets=args.rebuild_assets, report_dir=Path(args.report_dir) if args.report_dir else None,
                     tiny=args.tiny)
@@ -131,12 +131,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     _apply_cache_env(args.cache_dir)  # before any Hugging Face library reads its environment
     if args.offline:
-        from sweep.prefetch import OFFLINE_ENV
+        from sweep.plan.prefetch import OFFLINE_ENV
 
-        os.environ.update(OFFLINE_ENV)  # HF_* and TRANSFORMERS_* reach every worker (sweep.ray_runtime)
+        os.environ.update(OFFLINE_ENV)  # HF_* and TRANSFORMERS_* reach every worker (sweep.execution.ray_runtime)
         _warn_offline_gaps(args.study)
-    from sweep.env import apply_default_env
-    from sweep.run import RunOptions, run_study
+    from sweep.study.env import apply_default_env
+    from sweep.execution.driver import RunOptions, run_study
 
     apply_default_env()
     options = RunOptions(out=args.out, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
@@ -146,14 +146,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _apply_cache_env(cache_dir: str | None) -> None:
     if cache_dir:
-        from sweep.prefetch import cache_env
+        from sweep.plan.prefetch import cache_env
 
         os.environ.update(cache_env(cache_dir))
 
 
 def _warn_offline_gaps(study_path: str) -> None:
     """`sweep run --offline`: hub models this machine's cache cannot serve (workers elsewhere may have them)."""
-    from sweep.prefetch import offline_gaps
+    from sweep.plan.prefetch import offline_gaps
 
     try:
         study = _load(study_path)
@@ -170,7 +170,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     if isinstance(checked, int):
         return checked
     study, plan = checked
-    from sweep import prefetch
+    from sweep.plan import prefetch
 
     if args.each_node and not args.address:
         print("error: --each-node: no Ray cluster to run on; give --address or set RAY_ADDRESS (without "
@@ -219,14 +219,14 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from sweep.status import print_status
+    from sweep.results.status import print_status
 
     return print_status(args.directory, show_failures=args.failures)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sweep.report import ReportError, build_report
-    from sweep.store import StudyStore
+    from sweep.results.report import ReportError, build_report
+    from sweep.store.study_store import StudyStore
 
     try:
         plan = StudyStore(args.directory).read_plan()

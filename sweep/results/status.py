@@ -4,9 +4,9 @@ from __future__ import annotations
 import sys
 import time
 
-from sweep.progress import Summary, estimate_eta, format_duration, format_summary
-from sweep.run_stats import stage_medians
-from sweep.store import StudyStore, study_state
+from sweep.results.progress import Summary, estimate_eta, format_duration, format_summary
+from sweep.results.run_stats import stage_medians
+from sweep.store.study_store import StudyStore, study_state
 
 
 def summarize(plan: dict | None, events: list[dict], driver_alive: bool) -> tuple[Summary, dict]:

@@ -18,8 +18,8 @@ from engine.data.local_files import find_language_files
 from engine.prune.params import PRUNER_PARAMS
 from engine.prune.sparsity import Sparsity, parse_sparsity
 from engine.fingerprint import files_fingerprint, model_dir_fingerprint
-from sweep.spec import ModelSpec, PrunerSpec, TextSource
-from sweep.study import LanguageMix, Study
+from sweep.study.schema import ModelSpec, PrunerSpec, TextSource
+from sweep.study.load import LanguageMix, Study
 
 KEY_VERSION = 1
 

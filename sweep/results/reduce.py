@@ -145,7 +145,7 @@ def reduce_study(results: pl.LazyFrame, plan: dict, languages: list[str]) -> Stu
 
 
 def load_tables(study_dir: Path | str, plan: dict, languages: list[str]) -> StudyTables:
-    from sweep.store import StudyStore
+    from sweep.store.study_store import StudyStore
 
     store = StudyStore(study_dir)
     raw = store.location.read_bytes("results.parquet")

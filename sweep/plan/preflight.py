@@ -9,9 +9,9 @@ from __future__ import annotations
 from engine.data.calibration import split_budget
 from engine.data.sources import documents
 from engine.languages import get_language
-from sweep.problems import Problem, StudyInvalid
-from sweep.study import Study
-from sweep.trials import text_source
+from sweep.study.problems import Problem, StudyInvalid
+from sweep.study.load import Study
+from sweep.study.trials import text_source
 
 
 def needed_tokens(study: Study) -> dict[str, int]:
