@@ -12,8 +12,8 @@ Each file in bad_studies/ starts with comment lines saying what its refusal must
 Relative paths in the corpus point into fixtures/ (tiny model directories: remote code, broken configs).
 
 Covered elsewhere, not repeated here: a non-finite perplexity raising TrialFailed with its reason
-(tests/test_trial.py::test_non_finite_perplexity_fails_the_trial_with_a_reason) and the remote-code
-refusal's opt-in (tests/test_study_validation.py::test_remote_code_is_refused_unless_asked).
+(tests/engine/test_trial.py::test_non_finite_perplexity_fails_the_trial_with_a_reason) and the remote-code
+refusal's opt-in (tests/study/test_study_validation.py::test_remote_code_is_refused_unless_asked).
 """
 from __future__ import annotations
 

@@ -169,7 +169,7 @@ def test_no_pickle_in_the_study_directory_and_tensors_are_safetensors(small_run)
 
 @pytest.mark.slow
 def test_non_finite_perplexity_is_recorded_failed_with_its_reason_and_not_averaged_in(small_run):
-    """The engine half is tests/test_trial.py::test_non_finite_perplexity_fails_the_trial_with_a_reason;
+    """The engine half is tests/engine/test_trial.py::test_non_finite_perplexity_fails_the_trial_with_a_reason;
     this is the sweep's: the failure is final at once (retries: 1 is not spent on it), its event says
     why, and the results hold only the healthy model's trials."""
     import polars as pl

@@ -52,7 +52,7 @@ def test_time_per_trial_reproduces_the_gpu_benchmark_it_comes_from():
 
     from sweep.plan.estimate import MEASURED, trial_seconds
 
-    reports = Path(__file__).parent.parent / "reports/gpu"
+    reports = Path(__file__).parents[2] / "reports/gpu"
     run = json.loads((reports / "gpu_trial_after.json").read_text())
     evaluation_run = json.loads((reports / "gpu_trial_perplexity.json").read_text())
     assert run["device"] in MEASURED.source and evaluation_run["device"] in MEASURED.source

@@ -124,7 +124,7 @@ def test_default_root_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("SWEEP_DEMO_DIR", str(tmp_path / "elsewhere"))
     assert build_mod.default_root() == tmp_path / "elsewhere"
     monkeypatch.delenv("SWEEP_DEMO_DIR")
-    assert build_mod.default_root() == Path(__file__).resolve().parent.parent / ".cache" / "demo"
+    assert build_mod.default_root() == Path(__file__).resolve().parents[2] / ".cache" / "demo"
 
 
 def test_tokenizer_round_trips_every_language(tiny, tiny_tokenizer):

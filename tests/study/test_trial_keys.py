@@ -12,7 +12,7 @@ import pytest
 from sweep.study.grid import KEY_VERSION, expand
 from sweep.study.load import load_study
 from tests.conftest import REPO, STUDIES, write_study
-from tests.test_study_validation import mutate
+from tests.study.test_study_validation import mutate
 
 
 def keys(tmp_path, data) -> dict[str, str]:
