@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-tiny study-gemma test test-fast venv assets corpus real-models handbook browser clean-assets
+.PHONY: demo demo-tiny study-gemma test test-fast venv assets corpus real-models handbook browser clean-assets lint
 
 venv: $(STAMP)
 
@@ -53,11 +53,15 @@ study-gemma: venv handbook
 	$(VENV)/bin/sweep run sweep/studies/gemma3-270m.yaml
 	$(VENV)/bin/sweep report runs/gemma3-270m --out reports/gemma3-270m
 
-test: venv handbook browser
+test: venv handbook browser lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# ruff's rules are in pyproject.toml; the import rules are tests/test_architecture.py.
+lint: venv
+	$(VENV)/bin/ruff check .
+
 # Skips the tests marked slow (asset builds, model training, the real models): for quick local iteration only.
-test-fast: venv
+test-fast: venv lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean-assets:

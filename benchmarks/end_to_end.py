@@ -7,7 +7,7 @@ Both modes run the same trials (the first N of the study's plan, `sweep.study.gr
 46 of `sweep/studies/demo.yaml`) on this machine, one after the other in one run, with the same
 parallelism and into fresh output directories:
 
-(a) `sweep run`: `sweep.execution.driver.run_study` (what the CLI calls) in its own process, with an embedded Ray of
+(a) `sweep run`: `sweep.execution.driver.run_plan` (what the CLI's `run_study` calls) in its own process, with an embedded Ray of
     `--jobs` CPUs: `--jobs` worker actors, each holding one model and running trial after trial on it
     (model affinity), evaluating in memory (engine perplexity + lm-eval tasks on the loaded model).
 (b) today: `--jobs` processes at a time (a thread pool over subprocesses), one per trial, each running
@@ -196,20 +196,17 @@ def max_length_of(path: str) -> int:
 
 # ----------------------------------------------------------------------------------- (a) sweep run
 def sweep_child(study: str, out: str, n: int) -> int:
-    """The (a) driver process: `run_study` on an embedded Ray, the plan cut to its first `n` trials."""
-    import sweep.execution.driver as run
-    from sweep.study.grid import Plan
+    """The (a) driver process: `run_plan` on an embedded Ray, the plan cut to its first `n` trials."""
+    from sweep.execution.driver import RunOptions, run_plan
+    from sweep.study.env import apply_default_env
+    from sweep.study.grid import Plan, expand
+    from sweep.study.load import load_study
 
+    apply_default_env()
+    plan = expand(load_study(study))
     if n > 0:
-        full = run.expand
-
-        def first_n(study_obj):
-            plan = full(study_obj)
-            return Plan(study=plan.study, trials=plan.trials[:n])
-
-        run.expand = first_n
-    jobs = int(os.environ["E2E_JOBS"])
-    outcome = run.run_study(study, run.RunOptions(out=out, num_cpus=jobs))
+        plan = Plan(study=plan.study, trials=plan.trials[:n])
+    outcome = run_plan(plan, RunOptions(out=out, num_cpus=int(os.environ["E2E_JOBS"])))
     return outcome.code
 
 
@@ -425,7 +422,7 @@ def compare_metrics(a: dict, b: dict, inexact: set[tuple[str, str]] = frozenset(
             entry["max_rel"] = max(entry["max_rel"], diff / max(abs(y), 1e-12))
             if (name.split(".")[0], key[0]) not in inexact:
                 entry["clean_max_rel"] = max(entry["clean_max_rel"], diff / max(abs(y), 1e-12))
-    missing = sorted((set(a) ^ set(b)))
+    missing = sorted(set(a) ^ set(b))
     return {"metrics": out, "trials_compared": len(set(a) & set(b)), "trials_missing_in_one_mode": missing}
 
 
@@ -549,7 +546,7 @@ class OtherLoad:
         while not self.stop_event.wait(self.period):
             self._sample()
 
-    def __enter__(self) -> "OtherLoad":
+    def __enter__(self) -> OtherLoad:
         self._sample(initial=True)
         self.thread.start()
         return self

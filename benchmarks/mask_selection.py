@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                  "sparsegpt": (block.reshape(1, -1), block.numel() // 2)}
         for use, (matrix, k) in cases.items():
             identical = torch.equal(stable_sort_mask(matrix, k), lowest_k_per_row(matrix, k))
-            before = median_seconds(lambda: stable_sort_mask(matrix, k), args.repeats)
-            after = median_seconds(lambda: lowest_k_per_row(matrix, k), args.repeats)
+            before = median_seconds(lambda matrix=matrix, k=k: stable_sort_mask(matrix, k), args.repeats)
+            after = median_seconds(lambda matrix=matrix, k=k: lowest_k_per_row(matrix, k), args.repeats)
             print(f"{name:<28}{use:<12}{before * 1e3:>10.1f}{after * 1e3:>11.1f}{before / after:>7.1f}x  {identical}")
     return 0
 

@@ -41,7 +41,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval opens a progress bar per batch of windows
@@ -325,9 +325,10 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
+    from importlib.metadata import version
+
     import lm_eval  # noqa: F401  (version below)
     import transformers
-    from importlib.metadata import version
 
     from engine.demo import ensure_demo_assets
 
@@ -335,7 +336,7 @@ def main() -> None:
     languages = args.languages or list(assets.languages)
     print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), transformers {transformers.__version__}, lm-eval {version('lm_eval')}, "
-          f"{datetime.now(timezone.utc):%Y-%m-%d}")
+          f"{datetime.now(UTC):%Y-%m-%d}")
     print(f"# load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"# window {args.window}, max tokens {args.max_tokens or 'all'}, batch {args.batch_size}, float32, "
           f"best of {args.repeats}; tok/s = predicted text tokens per second")

@@ -35,7 +35,7 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -192,7 +192,7 @@ def main() -> None:
     if min(args.hidden + [args.tokens_hidden]) < 128:
         raise SystemExit("hidden sizes must be at least 128 (heads of 128)")
     print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads), {datetime.now(timezone.utc):%Y-%m-%d}; float32, sparsity {args.sparsity}, "
+          f"threads), {datetime.now(UTC):%Y-%m-%d}; float32, sparsity {args.sparsity}, "
           f"seq_len {args.seq_len}, best of {args.repeats} below {args.repeat_below:g} s")
     print(f"# load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     sweeps = {"hidden": args.hidden_tokens, "tokens": args.tokens_hidden}

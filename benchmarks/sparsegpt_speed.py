@@ -101,7 +101,7 @@ def main() -> None:
         width //= args.scale
         before, exact = hessian_seconds(width, args.tokens, device, tf32=False)
         after, fast = hessian_seconds(width, args.tokens, device, tf32=True)
-        difference = float(((fast - exact).abs().max() / exact.abs().max()))
+        difference = float((fast - exact).abs().max() / exact.abs().max())
         label = f"hessian {width} wide"
         print(f"{label:<34} {before:>9.3f} {after:>9.3f} {before / after:>6.1f}x  x{count}  max rel. diff {difference:.1e}",
               flush=True)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.placement import ModelDoesNotFit, gpu_device_map
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,8 +50,6 @@ def cuda_device_map(source: ModelSource) -> dict[str, int]:
     """The device map for loading onto the first `source.gpus` visible GPUs: {"": 0} for one GPU (no
     dispatch hooks), a block split for several. Reads only the model's config."""
     from transformers import AutoConfig
-
-    from engine.placement import ModelDoesNotFit, gpu_device_map
 
     wanted = max(1, source.gpus)
     visible = torch.cuda.device_count()

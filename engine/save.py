@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
+
+from engine.io import temporary_sibling
 
 CARD = """---
 library_name: transformers
@@ -43,7 +44,7 @@ def save_pruned_model(model, tokenizer, directory: Path, card: str, details: dic
     at all: everything goes to a temporary sibling first, which is then renamed."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    temporary = directory.with_name(f".{directory.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    temporary = temporary_sibling(directory)
     model.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
     (temporary / "README.md").write_text(card, encoding="utf-8")

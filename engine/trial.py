@@ -18,13 +18,16 @@ from engine.analyze.collect import StatisticsCollector
 from engine.data.calibration import WindowRequest, calibration_set
 from engine.data.sources import TextSourceConfig, documents
 from engine.evaluate.suite import language_tokens, perplexity_of_tokens
+from engine.evaluate.tasks import TaskRequest, run_tasks
+from engine.evaluate.text_cache import evaluation_cache_path, read_evaluation_tokens, write_evaluation_tokens
 from engine.languages import get_language
 from engine.models import ModelSource, load_model
-from engine.prune.mask_io import save_masks
 from engine.prune.block_inputs import ReplayMismatch
+from engine.prune.mask_io import save_masks
 from engine.prune.pruners import make_pruner
 from engine.prune.sequential import prune_sequentially
 from engine.prune.sparsity import parse_sparsity
+from engine.save import model_card, save_pruned_model
 from engine.snapshot import DenseSnapshot
 
 
@@ -120,8 +123,6 @@ def evaluation_tokens(config: PerplexityConfig, language: str, tokenizer,
     """A language's evaluation text as (token ids, UTF-8 bytes). Local text is read from its files; hub
     text is streamed once and then read from `<cache_dir>/evaluation` (what `sweep prefetch` fills, so
     an offline worker never streams it)."""
-    from engine.evaluate.text_cache import (evaluation_cache_path, read_evaluation_tokens,
-                                            write_evaluation_tokens)
 
     if config.source.kind == "local":
         texts = list(documents(config.source, get_language(language), seed=None))
@@ -174,8 +175,6 @@ def run_trial(config: TrialConfig, loaded: LoadedModel) -> dict:
 
 
 def _save_model(config: TrialConfig, loaded: LoadedModel, result: dict) -> Path:
-    from engine.save import model_card, save_pruned_model
-
     cal = config.calibration
     calibration = None if cal is None else {
         "languages": "+".join(f"{code}:{weight:g}" if len(cal.weights) > 1 else code for code, weight in cal.weights),
@@ -258,7 +257,6 @@ def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict, result: d
             path = collector.save(Path(config.artifacts_dir) / "statistics.safetensors", {"trial": config.key})
             result["statistics_path"] = str(path)
     if ev.tasks:
-        from engine.evaluate.tasks import TaskRequest, run_tasks
 
         started = time.perf_counter()
         requests = [TaskRequest(t.name, t.shots, t.limit) for t in ev.tasks]

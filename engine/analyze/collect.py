@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from engine.io import atomic_path
 from engine.prune.layers import find_decoder_layers
 
 
@@ -138,7 +139,6 @@ def save_statistics(path: Path, languages: dict[str, LanguageStatistics], errors
                     metadata: dict[str, str] | None = None) -> Path:
     """One safetensors file: active counts [languages, layers, neurons] int32, tokens [languages] int64,
     hidden means [languages, layers, hidden] float32; the language order in the metadata. Atomic."""
-    import os
 
     from safetensors.torch import save_file
 
@@ -159,10 +159,8 @@ def save_statistics(path: Path, languages: dict[str, LanguageStatistics], errors
                                                for l in order], dtype=torch.float64)
     metadata = {**(metadata or {}), "linear_layers": json.dumps(names)}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(temporary), metadata={**metadata, "languages": json.dumps(order)})
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={**metadata, "languages": json.dumps(order)})
     return path
 
 

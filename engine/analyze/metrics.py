@@ -6,7 +6,6 @@ import math
 import numpy as np
 import torch
 
-
 # -- masks ------------------------------------------------------------------------------------------
 
 def packed_iou(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:

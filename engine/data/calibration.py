@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
-import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
+
+from engine.data.sources import documents
+from engine.io import atomic_path
+from engine.languages import get_language
 
 
 class NotEnoughText(ValueError):
@@ -48,12 +49,6 @@ def language_seed(seed: int, language: str) -> int:
     """A per-language seed, stable across processes and Python versions (unlike hash())."""
     digest = hashlib.sha256(f"{seed}:{language}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
-
-
-def shuffled(documents: Sequence[str], seed: int) -> list[str]:
-    order = list(range(len(documents)))
-    random.Random(seed).shuffle(order)
-    return [documents[i] for i in order]
 
 
 def pack_windows(documents: Iterable[str], encode: Callable[[str], list[int]], separator_id: int,
@@ -115,8 +110,6 @@ def calibration_set(source, tokenizer, weights: Sequence[tuple[str, float]], req
     `source` is an engine.data.sources.TextSourceConfig; `source_fingerprint` names the content of a
     local source (its files), which its configuration alone does not.
     """
-    from engine.data.sources import documents
-    from engine.languages import get_language
 
     path = calibration_cache_path(source, tokenizer, weights, request, cache_dir, source_fingerprint)
     key = path.stem if path is not None else None
@@ -159,7 +152,5 @@ def _write_cached(path: Path, windows: torch.Tensor, metadata: dict[str, str]) -
     files, and the reader sees one or the other, never a mixture."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    save_file({"input_ids": windows.contiguous()}, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file({"input_ids": windows.contiguous()}, str(temporary), metadata=metadata)

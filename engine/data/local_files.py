@@ -7,6 +7,7 @@ Layout under the source directory, per language code `xx`:
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 TEXT_SUFFIXES = (".jsonl", ".txt", ".parquet")
@@ -31,7 +32,6 @@ def find_language_files(root: Path, lang: str, split: str | None = None) -> list
 def read_texts(files: list[Path], text_field: str = "text") -> list[str]:
     """Documents from .jsonl (one JSON object per line, `text_field` holding the text), .txt (paragraphs
     separated by blank lines) or .parquet (a `text_field` column) files, in file order."""
-    import json
 
     texts: list[str] = []
     for path in files:

@@ -5,9 +5,11 @@ that stops early (calibration needs a few hundred thousand tokens) never reads t
 """
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from engine.data.local_files import find_language_files, read_texts
 from engine.languages import Language
@@ -82,11 +84,16 @@ def hub_documents(source: TextSourceConfig, language: Language, seed: int | None
             yield text
 
 
+def shuffled(documents: Sequence[str], seed: int) -> list[str]:
+    """The documents in an order drawn from `seed`: the same on every machine and Python version."""
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    return [documents[i] for i in order]
+
+
 def documents(source: TextSourceConfig, language: Language, seed: int | None = None) -> Iterator[str]:
     """The language's documents, shuffled by `seed` (None: in stored order)."""
     if source.kind == "local":
-        from engine.data.calibration import shuffled
-
         texts = local_documents(source, language)
         yield from (shuffled(texts, seed) if seed is not None else texts)
     else:

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.demo.recipe import ModelRecipe, TrainRecipe
 from engine.demo.corpus import (
     DEMO_LANGUAGES,
     SPLITS,
@@ -38,6 +37,9 @@ from engine.demo.corpus import (
     source_identity,
     split_path,
 )
+from engine.demo.recipe import ModelRecipe, TrainRecipe
+from engine.demo.tasks import ensure_demo_tasks
+from engine.io import project_cache_dir
 
 # Bump when the build code changes what it produces for the same recipe.
 BUILD_VERSION = 1
@@ -144,26 +146,19 @@ class DemoAssets:
         )
 
 
-def repo_root() -> Path:
-    import engine
-
-    return Path(engine.__file__).resolve().parent.parent
-
-
 def default_root() -> Path:
     env = os.environ.get(ENV_ROOT)
-    return Path(env).expanduser() if env else repo_root() / ".cache" / "demo"
+    return Path(env).expanduser() if env else project_cache_dir() / "demo"
 
 
 def default_corpus_root() -> Path:
     env = os.environ.get(ENV_CORPUS_ROOT)
-    return Path(env).expanduser() if env else repo_root() / ".cache" / "corpus"
+    return Path(env).expanduser() if env else project_cache_dir() / "corpus"
 
 
 def ensure_corpus(root: Path | None = None, force: bool = False, log: Log = print) -> DemoAssets:
     """The offline corpus alone (DemoRecipe.corpus_only) with its lm-eval tasks, at `root` (default
     $SWEEP_CORPUS_DIR, else <repo>/.cache/corpus): seconds to build, no model training."""
-    from engine.demo.tasks import ensure_demo_tasks
 
     assets = ensure_demo_assets(root if root is not None else default_corpus_root(), DemoRecipe.corpus_only(),
                                 force=force, log=log)
@@ -247,7 +242,9 @@ def build_assets(out: Path, recipe: DemoRecipe, log: Log = print) -> dict:
     """Builds every asset into `out` (metadata.json last) and returns the metadata."""
     import torch
 
-    from engine.demo import heldout, tokenizer as tok_mod, train as train_mod
+    from engine.demo import heldout
+    from engine.demo import tokenizer as tok_mod
+    from engine.demo import train as train_mod
 
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
@@ -322,7 +319,8 @@ def build_assets(out: Path, recipe: DemoRecipe, log: Log = print) -> dict:
 
 def _train_one(spec: ModelRecipe, index: int, recipe: DemoRecipe, tokenizer, streams, unigram, directory: Path,
                log: Log) -> dict:
-    from engine.demo import heldout, train as train_mod
+    from engine.demo import heldout
+    from engine.demo import train as train_mod
 
     config = train_mod.model_config(spec, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     seed = recipe.seed * 1000 + index

@@ -29,6 +29,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import yaml
+
 from engine.languages import LANGUAGES
 
 # Bump when the generator changes what it writes for the same inputs.
@@ -174,8 +176,6 @@ def group_yaml(languages: Sequence[str]) -> str:
 
 
 def _as_yaml(config: dict) -> str:
-    import yaml
-
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 

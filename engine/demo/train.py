@@ -8,8 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import CohereConfig, LlamaConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers import AutoModelForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    CohereConfig,
+    LlamaConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from engine.demo.recipe import ModelRecipe, TrainRecipe
 

@@ -8,8 +8,8 @@ a lower token perplexity for the same model quality).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

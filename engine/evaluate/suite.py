@@ -1,7 +1,7 @@
 """Per-language perplexity of one in-memory model on the study's evaluation text."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from engine.evaluate.perplexity import PerplexityResult, perplexity
 from engine.models import prefix_token_id

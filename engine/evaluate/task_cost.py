@@ -15,9 +15,11 @@ generation may stop early), and flagged.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+
+from engine.evaluate.tasks import TaskRequest, flatten_tasks, manager_for
 
 
 @dataclass
@@ -90,8 +92,6 @@ def task_cost(config, tokenizer, requests: Sequence, include_path: Path | None, 
     import torch
     from lm_eval.defaults import DEFAULT_OTHER_SEED
     from transformers import AutoModelForCausalLM
-
-    from engine.evaluate.tasks import TaskRequest, flatten_tasks, manager_for
 
     requests = [TaskRequest(r) if isinstance(r, str) else r for r in requests]
     with torch.device("meta"):

@@ -32,14 +32,14 @@ import difflib
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
-CACHE_ENV = "SWEEP_CACHE_DIR"
+from engine.io import atomic_write_bytes, cache_dir
+
 INDEX_SUBDIR = "lm_eval_task_index"
 NO_FILTER = "none"
 STDERR_SUFFIX = "_stderr"
@@ -86,14 +86,7 @@ class UnknownTaskError(ValueError):
 
 # ------------------------------------------------------------------------------------------ task index
 def lm_eval_version() -> str:
-    from importlib.metadata import version
-
     return version("lm_eval")
-
-
-def cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "calibration-sweep"
 
 
 def _yaml_files(include_path: Path) -> list[Path]:
@@ -119,15 +112,7 @@ def include_fingerprint(include_path: Path | None) -> str:
 
 
 def _atomic_write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, json.dumps(payload, separators=(",", ":")).encode("utf-8"))
 
 
 def task_manager(include_path: Path | None = None, include_defaults: bool = True):
@@ -361,8 +346,8 @@ def run_tasks(model, tokenizer, requests: Sequence[TaskRequest], include_path: P
     """Evaluates the already-loaded `model` on `requests`: one `simple_evaluate` call per distinct
     (shots, limit), lm-eval's default seeds, no response or request cache. See the module docstring
     for the returned layout."""
-    import torch
     import lm_eval
+    import torch
     from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
     from lm_eval.models.huggingface import HFLM
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
+
+from engine.io import atomic_path
 
 CACHE_VERSION = 2  # 2: max_tokens cuts at a character boundary
 
@@ -57,8 +57,6 @@ def write_evaluation_tokens(path: Path, ids: list[int], n_bytes: int, language: 
     import torch
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    save_file({"input_ids": torch.tensor(ids, dtype=torch.long)}, str(temporary),
-              metadata={"bytes": str(n_bytes), "language": language, "key": path.stem})
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file({"input_ids": torch.tensor(ids, dtype=torch.long)}, str(temporary),
+                  metadata={"bytes": str(n_bytes), "language": language, "key": path.stem})

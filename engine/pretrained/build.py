@@ -31,8 +31,10 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
 
+from engine.io import project_cache_dir
 from engine.pretrained.catalog import CATALOG, PretrainedModel, WheelMember
 
 # Bump when the conversion changes what it writes for the same GGUF file.
@@ -51,9 +53,8 @@ def default_root() -> Path:
     env = os.environ.get(ENV_ROOT)
     if env:
         return Path(env).expanduser()
-    import engine
 
-    return Path(engine.__file__).resolve().parent.parent / ".cache" / "models"
+    return project_cache_dir() / "models"
 
 
 def recipe(model: PretrainedModel) -> dict:
@@ -308,11 +309,9 @@ def convert(gguf_dir: Path, gguf_name: str, out: Path) -> dict:
 
 
 def _distribution_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
-        return version(name)
-    except PackageNotFoundError:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
         return None
 
 

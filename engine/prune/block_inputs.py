@@ -52,7 +52,7 @@ class BlockCall:
             return block(hidden, *self.args, **self.kwargs)
         return block(*self.args, **{**self.kwargs, self.hidden_name: hidden})
 
-    def moved(self, mover: "Mover") -> "BlockCall":
+    def moved(self, mover: Mover) -> BlockCall:
         return BlockCall(mover(self.args), mover(self.kwargs), self.hidden_name)
 
 

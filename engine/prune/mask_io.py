@@ -4,12 +4,13 @@ its shape is kept in the file's metadata."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from engine.io import atomic_path
 
 SHAPES_KEY = "mask_shapes"
 
@@ -26,14 +27,11 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def save_masks(path: Path, masks: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Writes atomically: a crash leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     shapes = {name: list(mask.shape) for name, mask in masks.items()}
     tensors = {name: pack_mask(mask) for name, mask in masks.items()}
     meta = {**(metadata or {}), SHAPES_KEY: json.dumps(shapes, sort_keys=True)}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(temporary), metadata=meta)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=meta)
 
 
 def load_masks(path: Path) -> dict[str, torch.Tensor]:

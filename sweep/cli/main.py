@@ -8,32 +8,33 @@ import signal
 import sys
 from pathlib import Path
 
+from sweep.cli.format import format_plan, plan_as_dict
+from sweep.execution.driver import RunOptions, run_plan
+from sweep.execution.prefetch_nodes import prefetch_each_node
+from sweep.execution.ray_runtime import accelerator_warnings
+from sweep.exit_codes import ExitCode
+from sweep.plan import prefetch
+from sweep.plan.estimate import format_estimates, format_time_estimates, study_estimates, study_time_estimates
+from sweep.results.status import print_status
+from sweep.store.study_store import StudyStore
+from sweep.study.env import apply_default_env
 from sweep.study.grid import Plan, expand
-from sweep.study.problems import StudyInvalid
 from sweep.study.load import Study, load_study
-
-EXIT_OK = 0
-EXIT_INVALID = 2
+from sweep.study.problems import StudyInvalid
 
 
 def _load(path: str) -> Study:
-    from sweep.study.env import apply_default_env
-
     apply_default_env()
     return load_study(Path(path))
 
 
 def report_invalid(err: StudyInvalid, stream=None) -> int:
-    stream = stream or sys.stderr
-    n = len(err.problems)
-    print(f"{err.source}: invalid study file ({n} problem{'s' if n != 1 else ''}); nothing was started or written", file=stream)
-    for problem in err.problems:
-        print(f"  {problem}", file=stream)
-    return EXIT_INVALID
+    print(err.describe(), file=stream or sys.stderr)
+    return ExitCode.INVALID
 
 
 def _print_warnings(study: Study) -> None:
-    for warning in study.warnings:
+    for warning in (*study.warnings, *accelerator_warnings(study)):
         print(f"warning: {warning}", file=sys.stderr)
 
 
@@ -55,17 +56,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     study, plan = checked
     print(f"{args.study}: valid study '{study.name}': {len(plan.trials)} trials "
           f"({len(plan.pruned)} pruned + {len(plan.dense)} dense baselines) over {len(study.spec.models)} model(s)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     if args.tasks and not args.estimate:
         print("error: --tasks counts the lm-eval tasks' work into --estimate; give both", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     if args.estimate and (args.gpu_tflops <= 0 or args.gpu_memory_gib <= 0):
         print("error: --gpu-tflops and --gpu-memory-gib must be positive (one GPU's bf16 peak and memory)",
               file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     checked = _checked_study(args.study)
     if isinstance(checked, int):
         return checked
@@ -75,54 +76,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(format_plan(plan, show_trials=not args.summary and not args.estimate))
     if args.estimate:
-        from sweep.plan.estimate import format_estimates, format_time_estimates, study_estimates, study_time_estimates
-
         try:
             table, problems = format_estimates(study_estimates(study), args.gpu_memory_gib)
             times = format_time_estimates(
                 study_time_estimates(study, plan.trials, args.gpu_tflops, count_tasks=args.tasks), args.gpu_tflops)
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
-            return EXIT_INVALID
+            return ExitCode.INVALID
         print(table)
         print(times)
         for problem in problems:
             print(f"warning: {problem}", file=sys.stderr)
-    return EXIT_OK
-
-
-def plan_as_dict(plan: Plan) -> dict:
-    return {
-        "study": plan.study.name,
-        "total": len(plan.trials),
-        "pruned": len(plan.pruned),
-        "dense": len(plan.dense),
-        "per_model": plan.per_model(),
-        "trials": [{"key": t.key, "name": t.name, "dense": t.is_dense} for t in plan.trials],
-    }
-
-
-def format_plan(plan: Plan, show_trials: bool = True) -> str:
-    spec = plan.study.spec
-    lines = [f"study {spec.name}: {len(plan.trials)} trials = {len(plan.pruned)} pruned + {len(plan.dense)} dense baselines"]
-    cal = spec.calibration
-    lines.append(
-        f"  calibration: {len(plan.study.calibration_mixes)} language choice(s) x {len(cal.seeds)} seed(s), "
-        f"{cal.samples} samples x {cal.seq_len} tokens")
-    lines.append(f"  evaluation: {len(spec.evaluation.languages)} target language(s): {', '.join(spec.evaluation.languages)}")
-    lines.append("  per model:")
-    width = max(len(label) for label in plan.per_model())
-    for label, counts in plan.per_model().items():
-        lines.append(f"    {label:<{width}}  {counts['pruned']:>5} pruned  {counts['dense']:>2} dense  {counts['pruned'] + counts['dense']:>5} total")
-    if show_trials:
-        lines.append("  trials (key  name):")
-        for trial in plan.trials:
-            lines.append(f"    {trial.key}  {trial.name}")
-    return "\n".join(lines)
+    return ExitCode.OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sweep.cli.demo import run_demo
+    from sweep.cli.demo import run_demo  # deferred: the report's polars and matplotlib
 
     return run_demo(force_assets=args.rebuild_assets, report_dir=Path(args.report_dir) if args.report_dir else None,
                     tiny=args.tiny)
@@ -131,35 +100,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     _apply_cache_env(args.cache_dir)  # before any Hugging Face library reads its environment
     if args.offline:
-        from sweep.plan.prefetch import OFFLINE_ENV
-
-        os.environ.update(OFFLINE_ENV)  # HF_* and TRANSFORMERS_* reach every worker (sweep.execution.ray_runtime)
-        _warn_offline_gaps(args.study)
-    from sweep.study.env import apply_default_env
-    from sweep.execution.driver import RunOptions, run_study
-
-    apply_default_env()
+        os.environ.update(prefetch.OFFLINE_ENV)  # HF_* and TRANSFORMERS_* reach every worker (sweep.execution.ray_runtime)
+    checked = _checked_study(args.study)
+    if isinstance(checked, int):
+        return checked
+    study, plan = checked
+    if args.offline:
+        _warn_offline_gaps(study, args.study)
     options = RunOptions(out=args.out, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                          max_actors=args.max_actors, retry_failed=args.retry_failed, progress=not args.no_progress)
-    return run_study(args.study, options).code
+    return run_plan(plan, options).code
 
 
 def _apply_cache_env(cache_dir: str | None) -> None:
     if cache_dir:
-        from sweep.plan.prefetch import cache_env
-
-        os.environ.update(cache_env(cache_dir))
+        os.environ.update(prefetch.cache_env(cache_dir))
 
 
-def _warn_offline_gaps(study_path: str) -> None:
+def _warn_offline_gaps(study: Study, study_path: str) -> None:
     """`sweep run --offline`: hub models this machine's cache cannot serve (workers elsewhere may have them)."""
-    from sweep.plan.prefetch import offline_gaps
-
-    try:
-        study = _load(study_path)
-    except StudyInvalid:
-        return  # run_study reports it
-    for gap in offline_gaps(study):
+    for gap in prefetch.offline_gaps(study):
         print(f"warning: --offline: {gap}; `sweep prefetch {study_path}` fetches it (on every node: --each-node)",
               file=sys.stderr)
 
@@ -170,13 +130,11 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     if isinstance(checked, int):
         return checked
     study, plan = checked
-    from sweep.plan import prefetch
-
     if args.each_node and not args.address:
         print("error: --each-node: no Ray cluster to run on; give --address or set RAY_ADDRESS (without "
               "--each-node the prefetch runs here, into this machine's or a shared cache); nothing was fetched",
               file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     work = prefetch.plan_prefetch(study, plan, out=args.out)
     if not args.each_node:  # on --each-node every node checks its own caches
         problems = prefetch.cache_problems(work)
@@ -184,13 +142,13 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
             for what, problem in problems:
                 print(f"error: {'--cache-dir' if args.cache_dir else what}: cannot write {problem}", file=sys.stderr)
             print("nothing was fetched or written", file=sys.stderr)
-            return EXIT_INVALID
+            return ExitCode.INVALID
     progress = sys.stderr if args.json else sys.stdout
     print(f"prefetch {study.name}: {len(work.models)} model(s), {len(work.calibration)} calibration set(s), "
           f"{len(work.evaluation)} evaluation text(s), {len(work.tasks)} lm-eval task(s)"
           + ("; dry run: nothing is fetched or written" if args.dry_run else ""), file=progress, flush=True)
     if args.each_node:
-        results = prefetch.prefetch_each_node(work, args.address, dry_run=args.dry_run,
+        results = prefetch_each_node(work, args.address, dry_run=args.dry_run,
                                               on_node=lambda node: print(node.describe(), file=progress, flush=True))
     else:
         results = [prefetch.run_prefetch(work, dry_run=args.dry_run,
@@ -215,18 +173,15 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         flags = "".join(f" {flag} {value}" for flag, value in (("--out", args.out), ("--cache-dir", args.cache_dir))
                         if value)
         print(f"ready: sweep run {args.study}{flags} --offline")
-    return EXIT_OK if ok else 1
+    return ExitCode.OK if ok else ExitCode.FAILED_TRIALS
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from sweep.results.status import print_status
-
     return print_status(args.directory, show_failures=args.failures)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sweep.results.report import ReportError, build_report
-    from sweep.store.study_store import StudyStore
+    from sweep.results.report import ReportError, build_report  # deferred: polars and matplotlib
 
     try:
         plan = StudyStore(args.directory).read_plan()
@@ -237,9 +192,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         path = build_report(args.directory, out)
     except (ReportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     print(f"report: {path}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,15 +13,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweep.study.env import REPO_ROOT
-from sweep.study.grid import Plan, TrialSpec, expand
-from sweep.study.problems import StudyInvalid
+from sweep.execution.ray_runtime import RayTarget, accelerator_warnings, node_count, start_ray, stop_ray, worker_env
+from sweep.execution.worker import ModelWorker, TrialTask, library_versions
+from sweep.exit_codes import ExitCode
+from sweep.plan.fit import check_model_fit
 from sweep.results.progress import LiveProgress, Summary, estimate_eta, format_duration
-from sweep.execution.ray_runtime import RayTarget, node_count, start_ray, stop_ray, worker_env
 from sweep.store.study_store import StoreLocked, StudyStore
+from sweep.study.env import REPO_ROOT, apply_default_env
+from sweep.study.grid import Plan, TrialSpec, expand
 from sweep.study.load import Study, load_study
-
-EXIT_OK, EXIT_FAILED_TRIALS, EXIT_INVALID, EXIT_LOCKED, EXIT_STORE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+from sweep.study.problems import StudyInvalid
 
 
 @dataclass
@@ -75,37 +76,46 @@ def plan_record(plan: Plan) -> dict:
 
 
 def run_study(study_path: str | Path, options: RunOptions, out=None, err=None) -> RunOutcome:
-    out, err = out or sys.stdout, err or sys.stderr
-    from sweep.cli.main import report_invalid
-    from sweep.study.env import apply_default_env
-
+    """`sweep run STUDY`: loads and expands the study file, then `run_plan`."""
+    err = err or sys.stderr
     apply_default_env()
     try:
-        study = load_study(study_path)
-        plan = expand(study)
+        plan = expand(load_study(study_path))
     except StudyInvalid as problem:
-        return RunOutcome(report_invalid(problem, err))
-    for warning in study.warnings:
+        print(problem.describe(), file=err)
+        return RunOutcome(ExitCode.INVALID)
+    for warning in (*plan.study.warnings, *accelerator_warnings(plan.study)):
         print(f"warning: {warning}", file=err)
+    return run_plan(plan, options, out, err)
+
+
+def run_plan(plan: Plan, options: RunOptions, out=None, err=None) -> RunOutcome:
+    """Runs what is left of `plan` into its study directory (options.out, else the study's
+    execution.output_dir): the preflight checks, the driver lock, then the trials on Ray. Any plan will
+    do, a slice of a study's included; the study directory keeps the study file it came from. The
+    study's warnings are the caller's to print (it printed them when it loaded the study)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    study = plan.study
     if options.preflight:
         try:
             for note in preflight(study):
                 print(f"note: {note}", file=err)
         except StudyInvalid as problem:
-            return RunOutcome(report_invalid(problem, err))
+            print(problem.describe(), file=err)
+            return RunOutcome(ExitCode.INVALID)
 
     try:
         store = StudyStore(options.out or study.output_location)
     except ValueError as problem:
         print(f"error: --out / execution.output_dir: {problem}", file=err)
-        return RunOutcome(EXIT_INVALID)
+        return RunOutcome(ExitCode.INVALID)
     try:
         store.acquire()
     except StoreLocked as locked:
         print(f"error: {locked}", file=err)
-        return RunOutcome(EXIT_LOCKED)
+        return RunOutcome(ExitCode.LOCKED)
     try:
-        return _run_locked(study, plan, store, options, out, err, Path(study_path).read_text(encoding="utf-8"))
+        return _run_locked(study, plan, store, options, out, err)
     finally:
         store.release()
 
@@ -114,15 +124,14 @@ def preflight(study: Study) -> list:
     """Checks that need the models' files: every model fits the GPUs its accelerator_type names (see
     sweep.plan.fit), and local calibration text is long enough for every tokenizer. Raises StudyInvalid;
     returns notes on what could not be checked here."""
-    from sweep.plan.fit import check_model_fit
-    from sweep.plan.preflight import check_calibration_text
-
     problems, notes = check_model_fit(study)
     if problems:
         raise StudyInvalid(study.source, problems)
     if study.spec.calibration.source.kind != "local":
         return notes
     from transformers import AutoTokenizer
+
+    from sweep.plan.preflight import check_calibration_text  # deferred: it tokenizes with torch loaded
 
     tokenizers = {}
     for i, model in enumerate(study.spec.models):
@@ -133,8 +142,8 @@ def preflight(study: Study) -> list:
     return notes
 
 
-def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions, out, err, text: str) -> RunOutcome:
-    frozen = store.freeze_study(text)
+def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions, out, err) -> RunOutcome:
+    frozen = store.freeze_study(study.file_text)
     store.write_plan(plan_record(plan))
     reading = store.read_events()
     for name in reading.cut_off:
@@ -156,7 +165,7 @@ def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions
     if not todo:
         store.compact(current)
         print(f"nothing to run; results: {store.ref('results.parquet')}", file=out)
-        return RunOutcome(EXIT_FAILED_TRIALS if gave_up else EXIT_OK, store=store.location.url)
+        return RunOutcome(ExitCode.FAILED_TRIALS if gave_up else ExitCode.OK, store=store.location.url)
 
     try:
         where = start_ray(RayTarget(options.address, options.num_cpus, options.num_gpus))
@@ -164,7 +173,7 @@ def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions
         print(f"error: could not {'join the Ray cluster at ' + options.address if options.address else 'start Ray'}: "
               f"{problem}. Check --address / RAY_ADDRESS (and RAY_AUTH_MODE=token for a cluster with token "
               "authentication); nothing was run.", file=err)
-        return RunOutcome(EXIT_INVALID, store=store.location.url)
+        return RunOutcome(ExitCode.INVALID, store=store.location.url)
     print(f"  {where}", file=out)
     if options.address and store.is_local and node_count() > 1:
         print(f"warning: the study directory {store.location.url} is a local path on a {node_count()}-node cluster: "
@@ -178,7 +187,7 @@ def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions
     finally:
         # Ray's own logs matter when the scheduling broke (workers that would not start), not for a trial's
         # error, which the event log holds with its traceback.
-        broken = outcome is None or (outcome.code == EXIT_FAILED_TRIALS and outcome.failed == 0)
+        broken = outcome is None or (outcome.code == ExitCode.FAILED_TRIALS and outcome.failed == 0)
         kept = stop_ray(keep_logs=broken)
         if kept:
             print(f"  Ray's logs are kept in {kept}", file=err)
@@ -189,7 +198,6 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
     import ray
 
     from sweep.execution.scheduler import Scheduler, SchedulerConfig, SchedulingError, cluster_capacity, largest_node
-    from sweep.execution.worker import ModelWorker
 
     execution = study.spec.execution
     jobs, shapes = build_jobs(study, todo, state, store)
@@ -200,7 +208,7 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
             if options.address is None:
                 print(f"error: {message}. Set gpus: 0 for this model to run it on CPU, or join a GPU cluster with "
                       "--address.", file=err)
-                return RunOutcome(EXIT_INVALID, store=store.location.url)
+                return RunOutcome(ExitCode.INVALID, store=store.location.url)
             print(f"warning: {message}; waiting up to execution.placement_timeout_s "
                   f"({execution.placement_timeout_s}) s for the autoscaler to add one", file=err)
 
@@ -273,13 +281,13 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
         progress.close()
         store.append({"event": "run_stopped", "reason": str(problem)})
         print(f"error: {problem}", file=err)
-        return RunOutcome(EXIT_FAILED_TRIALS, store=store.location.url)
+        return RunOutcome(ExitCode.FAILED_TRIALS, store=store.location.url)
     except OSError as problem:  # the study directory cannot be written (disk full, permissions, a lost mount)
         progress.close()
         print(f"error: cannot write the study directory {store.location.url}: {problem}. Stopped; the trials in "
               "flight are abandoned and every trial logged as finished is kept. Fix the cause (free space) and "
               "run the same command again to continue.", file=err)
-        return RunOutcome(EXIT_STORE, store=store.location.url)
+        return RunOutcome(ExitCode.STORE, store=store.location.url)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -294,7 +302,7 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
           f"{counters.model_loads} model load(s) {counters.loads_by_model}; {counters.actors_lost} worker(s) lost",
           file=out)
     print(f"results: {results}", file=out)
-    code = EXIT_INTERRUPTED if interrupted["signal"] else (EXIT_FAILED_TRIALS if counters.failed or failed_before else EXIT_OK)
+    code = ExitCode.INTERRUPTED if interrupted["signal"] else (ExitCode.FAILED_TRIALS if counters.failed or failed_before else ExitCode.OK)
     return RunOutcome(code, finished=counters.finished, failed=counters.failed, model_loads=counters.model_loads,
                       loads_by_model=dict(counters.loads_by_model), store=store.location.url)
 
@@ -302,7 +310,6 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
 def build_jobs(study: Study, todo: list[TrialSpec], state, store: StudyStore):
     from sweep.execution.scheduler import Job, Shape
     from sweep.study.trials import evaluation_config, hub_repo, model_source, trial_config
-    from sweep.execution.worker import TrialTask
 
     execution = study.spec.execution
     evaluation = evaluation_config(study)
@@ -325,6 +332,4 @@ def build_jobs(study: Study, todo: list[TrialSpec], state, store: StudyStore):
 
 
 def _driver_versions() -> dict:
-    from sweep.execution.worker import library_versions
-
     return {"python": sys.version.split()[0], **library_versions()}

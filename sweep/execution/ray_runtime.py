@@ -6,6 +6,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+from sweep.study.load import Study
+from sweep.study.problems import Problem
+
 # Passed on to every worker actor, so workers see what the driver was told (offline mode, demo assets,
 # caches, fault drills) whichever node they land on.
 FORWARDED_ENV_PREFIXES = ("SWEEP_", "HF_", "TRANSFORMERS_", "HUGGINGFACE_")
@@ -62,3 +65,27 @@ def node_count() -> int:
     import ray
 
     return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def known_accelerator_types() -> set[str]:
+    """The accelerator types Ray detects and advertises as `accelerator_type:<name>` resources."""
+    try:
+        from ray.util.accelerators import accelerators
+    except ImportError:  # validation without Ray installed: accept anything
+        return set()
+    return {v for k, v in vars(accelerators).items() if k.isupper() and isinstance(v, str)}
+
+
+def accelerator_warnings(study: Study) -> list[Problem]:
+    """A model's accelerator_type that Ray does not detect by itself: legal (a node can be started with
+    any resource), but most often a typo, and then its actors never start."""
+    known = known_accelerator_types()
+    warnings = []
+    for i, model in enumerate(study.spec.models):
+        if model.accelerator_type is not None and model.gpus > 0 and known and model.accelerator_type not in known:
+            warnings.append(Problem(
+                f"models[{i}].accelerator_type",
+                f"{model.accelerator_type!r} is not an accelerator type Ray detects by itself (e.g. "
+                f"{', '.join(sorted(known)[:8])}, ...); its actors will only start on nodes started with that "
+                "resource (accelerator_type:NAME)"))
+    return warnings

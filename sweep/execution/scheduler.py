@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -140,7 +141,7 @@ class Scheduler:
                 for s in sorted(self.slots.values(), key=lambda s: s.id)]
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self, on_tick: Callable[["Scheduler"], None] | None = None) -> Counters:
+    def run(self, on_tick: Callable[[Scheduler], None] | None = None) -> Counters:
         try:
             while not self.done() and not self._stopping:
                 self._size_pool()

@@ -17,10 +17,14 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from engine.io import calibration_cache_dir
+from engine.placement import ModelDoesNotFit
 from sweep.store.artifacts import publish_directory
+from sweep.study.env import quiet_libraries
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,6 @@ def injected_fault(name: str, attempt: int) -> str | None:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib import metadata
-
     out = {}
     for dist in ("calibration-sweep", "torch", "transformers", "datasets", "lm_eval", "ray", "polars", "pyarrow"):
         try:
@@ -70,8 +72,6 @@ class ModelWorker:
 
     @staticmethod
     def _quiet() -> None:
-        from sweep.study.env import quiet_libraries
-
         quiet_libraries()
 
     def info(self) -> dict:
@@ -106,7 +106,6 @@ class ModelWorker:
                 reply["loaded"] = True
             reply["ok"] = True
         except Exception as err:  # noqa: BLE001
-            from engine.placement import ModelDoesNotFit
 
             fatal = isinstance(err, (DeviceUnavailable, ModelDoesNotFit))
             reply.update(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(),
@@ -133,7 +132,6 @@ class ModelWorker:
             reply["result"] = self._run_trial(task, device)
             reply["ok"] = True
         except Exception as err:  # noqa: BLE001 - every failure goes back to the driver as data
-            from engine.placement import ModelDoesNotFit
             from engine.trial import TrialFailed
 
             reply["error"] = f"{type(err).__name__}: {err}"
@@ -191,7 +189,7 @@ class ModelWorker:
         from engine.trial import run_trial
 
         local_artifacts, staging = _artifact_target(task.artifacts)
-        cache_dir = task.config.cache_dir or _default_cache_dir()
+        cache_dir = task.config.cache_dir or calibration_cache_dir()
         config = dataclasses.replace(task.config, device=device, artifacts_dir=local_artifacts, cache_dir=cache_dir)
         try:
             with _library_output(task.log_dir):
@@ -236,12 +234,6 @@ def _artifact_target(artifacts: str | None) -> tuple[Path | None, bool]:
     if "://" not in artifacts:
         return Path(artifacts.removeprefix("file://")), False
     return Path(tempfile.mkdtemp(prefix="sweep-artifacts-")), True
-
-
-def _default_cache_dir() -> Path:
-    from engine.evaluate.tasks import cache_dir
-
-    return cache_dir() / "calibration"
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import flops
+from engine.evaluate.task_cost import task_cost
+from engine.evaluate.tasks import TaskRequest
 from sweep.study.load import Study
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -44,7 +46,7 @@ class ModelShape:
     norms_per_block: int = 2  # Cohere (Aya) runs attention and MLP in parallel off one norm
 
     @classmethod
-    def from_config(cls, config: dict) -> "ModelShape":
+    def from_config(cls, config: dict) -> ModelShape:
         text = config.get("text_config") or config
         heads = int(text["num_attention_heads"])
         hidden = int(text["hidden_size"])
@@ -201,8 +203,6 @@ def model_task_cost(study: Study, index: int):
     be readable (local, cached by `sweep prefetch`, or on the hub)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from engine.evaluate.tasks import TaskRequest
-    from engine.evaluate.task_cost import task_cost
     from sweep.study.trials import evaluation_config
 
     spec = study.spec.models[index]

@@ -7,8 +7,9 @@ before `sweep run` starts anything; the worker repeats the check against the mem
 """
 from __future__ import annotations
 
-from sweep.study.problems import Problem
+from engine.placement import ModelDoesNotFit, gpu_device_map
 from sweep.study.load import Study
+from sweep.study.problems import Problem
 
 GIB = 2**30
 # Memory a process sees on one GPU of each Ray accelerator type (torch's total_memory), in GiB.
@@ -24,7 +25,6 @@ def check_model_fit(study: Study) -> tuple[list[Problem], list[Problem]]:
     from transformers import AutoConfig
 
     from engine.models import DTYPES
-    from engine.placement import ModelDoesNotFit, gpu_device_map
 
     problems, notes = [], []
     for i, model in enumerate(study.spec.models):

@@ -16,21 +16,27 @@ What trials would otherwise fetch, and where it goes:
   its cache (HF_DATASETS_CACHE); tasks whose data are local files need nothing.
 
 `plan_prefetch` is pure (it reads the study and the local files that enter trial keys);
-`run_prefetch` does the work in this process; `prefetch_each_node` runs it on every alive Ray node.
+`run_prefetch` does the work in this process; `sweep.execution.prefetch_nodes` runs it on every alive Ray node.
 Every item is attempted and every failure reported (a gated model does not hide a missing dataset).
 Afterwards `sweep run STUDY --offline` runs with HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from engine.evaluate.tasks import flatten_tasks, manager_for
+from engine.evaluate.text_cache import evaluation_cache_path
+from engine.io import calibration_cache_dir
+from sweep.store.locations import LocalLocation, is_url
 from sweep.study.grid import Plan
 from sweep.study.load import Study
 
@@ -137,7 +143,6 @@ class PrefetchPlan:
 def trial_cache_dir(study: Study, out: str | Path | None = None) -> Path | None:
     """The cache directory `sweep run` hands its trials (sweep.execution.driver.build_jobs): `<study dir>/cache` for a
     local study directory; None for object storage, where each worker uses its node's default."""
-    from sweep.store.locations import LocalLocation, is_url
 
     location = out or study.output_location
     if is_url(location):
@@ -147,9 +152,7 @@ def trial_cache_dir(study: Study, out: str | Path | None = None) -> Path | None:
 
 def node_cache_dir() -> Path:
     """The cache a worker uses when the study directory is not local (sweep.execution.worker), on this node."""
-    from sweep.execution.worker import _default_cache_dir
-
-    return _default_cache_dir()
+    return calibration_cache_dir()
 
 
 def plan_prefetch(study: Study, plan: Plan, out: str | Path | None = None) -> PrefetchPlan:
@@ -232,7 +235,7 @@ class NodeResult:
         return {**dataclasses.asdict(self), "ok": self.ok}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "NodeResult":
+    def from_dict(cls, data: dict) -> NodeResult:
         data = {k: v for k, v in data.items() if k != "ok"}
         items = [ItemResult(**i) for i in data.pop("items", [])]
         return cls(**data, items=items)
@@ -354,7 +357,7 @@ def run_prefetch(plan: PrefetchPlan, dry_run: bool = False,
     Each item is attempted; failures are recorded, never raised."""
     started = time.perf_counter()
     node = NodeResult(host=socket.gethostname(), dry_run=dry_run)
-    _ray_identity(node)
+    ray_identity(node)
     record = _Recorder(node, on_item)
     cache_dir = plan.cache_dir if plan.cache_dir is not None else node_cache_dir()
     node.trial_cache = str(cache_dir)
@@ -392,7 +395,7 @@ def run_prefetch(plan: PrefetchPlan, dry_run: bool = False,
     return node
 
 
-def _ray_identity(node: NodeResult) -> None:
+def ray_identity(node: NodeResult) -> None:
     ray = sys.modules.get("ray")  # only inside a Ray worker or driver; never imported for this
     try:
         if ray is not None and ray.is_initialized():
@@ -453,7 +456,6 @@ def _top_level_bytes(folder: Path) -> int:
 
 def snapshot_problem(folder: Path) -> str | None:
     """Why a model folder cannot be loaded by a trial (config, weights, every shard), or None."""
-    import json
 
     if not (folder / "config.json").is_file():
         return "no config.json"
@@ -477,8 +479,13 @@ def snapshot_problem(folder: Path) -> str | None:
 def hub_error_line(model: ModelItem, err: BaseException) -> str:
     """One line naming the model and what to do, for any way a hub download can fail."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo, revision = model.hub, model.revision or "main"
     where = f"models[{model.index}] ({repo}@{revision})"
@@ -659,7 +666,6 @@ def _prefetch_calibration(item: CalibrationItem, tokenizers: dict, fingerprints:
 
 def _prefetch_evaluation(item: EvaluationItem, tokenizers: dict, fingerprints: dict, cache_dir: Path,
                          dry_run: bool) -> list[ItemResult]:
-    from engine.evaluate.text_cache import evaluation_cache_path
     from engine.trial import evaluation_tokens
 
     config = item.config
@@ -695,8 +701,6 @@ def _task_is_local(task) -> bool:
 def _prefetch_tasks(tasks: tuple[TaskItem, ...], dry_run: bool) -> list[ItemResult]:
     from lm_eval.tasks import get_task_dict
 
-    from engine.evaluate.tasks import flatten_tasks, manager_for
-
     names = [t.name for t in tasks]
     include = tasks[0].include_path
     started = time.perf_counter()
@@ -726,60 +730,6 @@ def _prefetch_tasks(tasks: tuple[TaskItem, ...], dry_run: bool) -> list[ItemResu
                               detail=f"{len(loaded)} task(s)" + (", local data files" if local else
                                                                  ", data in the datasets cache")))
     return out
-
-
-# ---------------------------------------------------------------------------------------- every node
-def _node_task(plan: PrefetchPlan, dry_run: bool) -> dict:
-    """What runs on each node (a Ray task pinned there)."""
-    from sweep.study.env import quiet_libraries
-
-    quiet_libraries()
-    try:
-        return run_prefetch(plan, dry_run=dry_run).as_dict()
-    except Exception as err:  # noqa: BLE001 - reported as this node's failure
-        node = NodeResult(host=socket.gethostname(), dry_run=dry_run, error=f"{type(err).__name__}: {err}")
-        _ray_identity(node)
-        return node.as_dict()
-
-
-def prefetch_each_node(plan: PrefetchPlan, address: str, dry_run: bool = False,
-                       on_node: Callable[[NodeResult], None] | None = None) -> list[NodeResult]:
-    """Runs the prefetch on every alive node of the Ray cluster at `address`, one task pinned to each
-    (NodeAffinitySchedulingStrategy, soft=False), with the driver's HF_*, SWEEP_* and TRANSFORMERS_*
-    variables. Returns one NodeResult per node, in the order they finished."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from sweep.execution.ray_runtime import RayTarget, start_ray, stop_ray, worker_env
-
-    start_ray(RayTarget(address))
-    try:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        task = ray.remote(_node_task)
-        env = {"env_vars": worker_env()}
-        pending = {}
-        for node in nodes:
-            # num_cpus=0: runs on every node, a head that offers no CPUs to trials included
-            strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
-            ref = task.options(num_cpus=0, max_retries=0, runtime_env=env, scheduling_strategy=strategy).remote(
-                plan, dry_run)
-            pending[ref] = node
-        results = []
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            node = pending.pop(done[0])
-            try:
-                result = NodeResult.from_dict(ray.get(done[0]))
-            except Exception as err:  # noqa: BLE001 - the node died, the task could not start there
-                result = NodeResult(host=node.get("NodeManagerHostname") or node.get("NodeManagerAddress") or "?",
-                                    node_id=node["NodeID"], address=node.get("NodeManagerAddress"), dry_run=dry_run,
-                                    error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-            results.append(result)
-            if on_node is not None:
-                on_node(result)
-        return results
-    finally:
-        stop_ray()
 
 
 # ------------------------------------------------------------------------------------ offline checks

@@ -9,8 +9,8 @@ from __future__ import annotations
 from engine.data.calibration import split_budget
 from engine.data.sources import documents
 from engine.languages import get_language
-from sweep.study.problems import Problem, StudyInvalid
 from sweep.study.load import Study
+from sweep.study.problems import Problem, StudyInvalid
 from sweep.study.trials import text_source
 
 

@@ -27,8 +27,16 @@ import polars as pl
 import torch
 
 from engine.analyze.collect import load_statistics
-from engine.analyze.metrics import (activation_probability, iou, language_specific, language_subspace, lape,
-                                    neuron_changes, packed_iou, subspace_snr)
+from engine.analyze.metrics import (
+    activation_probability,
+    iou,
+    language_specific,
+    language_subspace,
+    lape,
+    neuron_changes,
+    packed_iou,
+    subspace_snr,
+)
 from sweep.store.study_store import StudyStore
 
 LAYER = re.compile(r"(?:^|\.)(\d+)\.(.+)$")

@@ -13,10 +13,13 @@ Tables (one row per ...):
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+
+from sweep.store.study_store import StudyStore
 
 TRIAL_COLUMNS = ["model", "pruner", "sparsity", "calibration", "seed"]
 CELL = ["target", "task", "metric"]
@@ -145,13 +148,10 @@ def reduce_study(results: pl.LazyFrame, plan: dict, languages: list[str]) -> Stu
 
 
 def load_tables(study_dir: Path | str, plan: dict, languages: list[str]) -> StudyTables:
-    from sweep.store.study_store import StudyStore
-
     store = StudyStore(study_dir)
     raw = store.location.read_bytes("results.parquet")
     if raw is None:
         store.compact({t["key"] for t in plan.get("trials", [])})
         raw = store.location.read_bytes("results.parquet")
-    import io
 
     return reduce_study(pl.read_parquet(io.BytesIO(raw)).lazy(), plan, languages)

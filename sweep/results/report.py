@@ -6,7 +6,7 @@ import base64
 import html
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -343,7 +343,7 @@ def render(plan: dict, tables: StudyTables, stats: RunStats, heatmaps: list[Heat
                      table_html(pl.DataFrame(versions, schema=["where", "library", "version"], orient="row"))]
     sections += extra_sections
     sections += ["<h2>Study file</h2>", f"<pre>{html.escape(study_text)}</pre>",
-                 f"<p class=note>Written {datetime.now(timezone.utc).isoformat(timespec='seconds')} by "
+                 f"<p class=note>Written {datetime.now(UTC).isoformat(timespec='seconds')} by "
                  f"<code>sweep report</code>.</p>"]
     style = ("body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}"
              "table{border-collapse:collapse;margin:1rem 0;font-size:.85rem}td,th{border:1px solid #ccc;padding:.2rem .5rem;"

@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
+from engine.io import atomic_path, atomic_write_bytes
+
 
 class Location(Protocol):
     url: str
@@ -35,7 +37,7 @@ def is_url(location: str | Path) -> bool:
     return "://" in str(location)
 
 
-def open_location(location: str | Path) -> "Location":
+def open_location(location: str | Path) -> Location:
     if is_url(location):
         return FsspecLocation(str(location))
     return LocalLocation(Path(location))
@@ -61,14 +63,11 @@ class LocalLocation:
             return None
 
     def write_atomic(self, rel: str, data: bytes) -> None:
-        write_file_atomic(self.root / rel, data)
+        atomic_write_bytes(self.root / rel, data, durable=True)
 
     def upload_atomic(self, rel: str, local: Path) -> None:
-        target = self.root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        shutil.copyfile(local, temporary)
-        os.replace(temporary, target)
+        with atomic_path(self.root / rel) as temporary:
+            shutil.copyfile(local, temporary)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         path = self.root / rel
@@ -178,16 +177,6 @@ class FsspecLocation:
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self._path(rel))
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def _rel(folder: str, name: str) -> str:

@@ -21,9 +21,9 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from sweep.store.locations import Location, open_location
 
@@ -196,7 +196,7 @@ class StudyStore:
             self.location.delete("driver.lock")
         self._lock_token = None
 
-    def __enter__(self) -> "StudyStore":
+    def __enter__(self) -> StudyStore:
         self.acquire()
         return self
 

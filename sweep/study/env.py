@@ -1,23 +1,26 @@
 """Environment defaults that study files may refer to as ${NAME}."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from engine.demo.build import default_corpus_root
+from engine.demo.build import default_root as default_demo_root
+from engine.io import PROJECT_ROOT
+from engine.pretrained.build import default_root as default_models_root
+
+REPO_ROOT = PROJECT_ROOT
 
 
 def default_demo_dir() -> Path:
-    return Path(os.environ.get("SWEEP_DEMO_DIR") or REPO_ROOT / ".cache" / "demo")
+    return default_demo_root()
 
 
 def apply_default_env() -> None:
     """Where the offline assets live, for study files to name: SWEEP_DEMO_DIR (the tiny demo models and
     their corpus, default <repo>/.cache/demo), SWEEP_CORPUS_DIR (the corpus alone, .cache/corpus) and
     SWEEP_MODELS_DIR (real pretrained models, .cache/models)."""
-    from engine.demo.build import default_corpus_root
-    from engine.pretrained.build import default_root as default_models_root
-
     os.environ.setdefault("SWEEP_DEMO_DIR", str(default_demo_dir()))
     os.environ.setdefault("SWEEP_CORPUS_DIR", str(default_corpus_root()))
     os.environ.setdefault("SWEEP_MODELS_DIR", str(default_models_root()))
@@ -25,7 +28,6 @@ def apply_default_env() -> None:
 
 def quiet_libraries() -> None:
     """One line per trial instead of datasets' and transformers' progress bars and notices."""
-    import logging
 
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for name in ("lm_eval", "lm-eval", "transformers", "datasets", "accelerate"):

@@ -15,11 +15,11 @@ from functools import cached_property
 from typing import Any
 
 from engine.data.local_files import find_language_files
+from engine.fingerprint import files_fingerprint, model_dir_fingerprint
 from engine.prune.params import PRUNER_PARAMS
 from engine.prune.sparsity import Sparsity, parse_sparsity
-from engine.fingerprint import files_fingerprint, model_dir_fingerprint
-from sweep.study.schema import ModelSpec, PrunerSpec, TextSource
 from sweep.study.load import LanguageMix, Study
+from sweep.study.schema import ModelSpec, PrunerSpec, TextSource
 
 KEY_VERSION = 1
 
@@ -165,7 +165,7 @@ def expand(study: Study) -> Plan:
             add({**base, "dense": True}, model_index=m, model_label=model.label, pruner_label=None,
                 sparsity=None, calibration=None, seed=None)
         for pruner in spec.pruners:
-            uses_calibration = PRUNER_PARAMS[pruner.method].uses_calibration
+            uses_calibration = PRUNER_PARAMS[pruner.method].needs_calibration
             for sparsity_value in pruner.sparsity_values:
                 sparsity = parse_sparsity(sparsity_value)
                 pruned = {**base, "pruner": ids.pruner(pruner), "sparsity": sparsity.canonical()}

@@ -10,14 +10,16 @@ import json
 import os
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 
 from engine.data.local_files import find_language_files
-from engine.languages import LANGUAGES, closest_codes
+from engine.evaluate.tasks import close_names, task_index
+from engine.languages import LANGUAGES, closest_codes, resolve_task
 from engine.prune.params import PRUNER_PARAMS
 from engine.prune.sparsity import parse_sparsity
 from sweep.study.problems import Problem, StudyInvalid, join_path
@@ -72,6 +74,7 @@ class Study:
     warnings: tuple[Problem, ...] = ()
     tasks: tuple[ResolvedTask, ...] = ()  # lm-eval tasks that exist, per target language
     missing_tasks: tuple[ResolvedTask, ...] = ()  # (template, language) pairs a benchmark lacks
+    text: str = ""  # the study file as read; a study built from data has none
 
     @property
     def name(self) -> str:
@@ -79,6 +82,11 @@ class Study:
 
     def resolve(self, path: str) -> Path:
         return resolve_path(path, self.base_dir)
+
+    @property
+    def file_text(self) -> str:
+        """The study file as written, or for a study built from data, its spec as YAML."""
+        return self.text or yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
     @property
     def output_dir(self) -> Path:
@@ -116,7 +124,8 @@ def load_study(path: str | Path) -> Study:
         data = load_yaml_file(path)
     except StudyFileError as err:
         raise StudyInvalid(err.where, [Problem("", err.message)]) from None
-    return study_from_data(data, source=str(path), base_dir=path.resolve().parent)
+    study = study_from_data(data, source=str(path), base_dir=path.resolve().parent)
+    return replace(study, text=path.read_text(encoding="utf-8"))
 
 
 def study_from_data(data: Any, source: str, base_dir: Path) -> Study:
@@ -237,11 +246,6 @@ class _Checker:
             if model.accelerator_type is not None:
                 if model.gpus == 0:
                     self.fail(join_path(where, "accelerator_type"), "needs gpus of 1 or more (gpus: 0 runs on CPU)")
-                elif model.accelerator_type not in known_accelerator_types():
-                    self.warn(join_path(where, "accelerator_type"),
-                              f"{model.accelerator_type!r} is not an accelerator type Ray detects by itself "
-                              f"(e.g. {', '.join(sorted(known_accelerator_types())[:8])}, ...); its actors will only "
-                              "start on nodes started with that resource (accelerator_type:NAME)")
             for what, needed in (("calibration.seq_len", self.spec.calibration.seq_len),
                                  ("evaluation.perplexity.window", self.spec.evaluation.perplexity.window if self.spec.evaluation.perplexity else 0)):
                 if needed > model.max_seq_len:
@@ -298,7 +302,7 @@ class _Checker:
                 else:
                     for name in names:
                         if name not in SOURCE_CODE_FIELDS:
-                            self.fail(join_path(where, "config"), f"unknown placeholder {{{name}}}; allowed: " + ", ".join("{%s}" % f for f in SOURCE_CODE_FIELDS))
+                            self.fail(join_path(where, "config"), f"unknown placeholder {{{name}}}; allowed: " + ", ".join(f"{{{f}}}" for f in SOURCE_CODE_FIELDS))
             if source.dataset and source.revision is None:
                 self.warn(join_path(where, "revision"), f"{source.dataset} is not pinned to a revision")
             return None
@@ -448,7 +452,7 @@ class _Checker:
             try:
                 for name in template_fields(task.task):
                     if name not in SOURCE_CODE_FIELDS:
-                        self.fail(join_path(where, "task"), f"unknown placeholder {{{name}}}; allowed: " + ", ".join("{%s}" % f for f in SOURCE_CODE_FIELDS))
+                        self.fail(join_path(where, "task"), f"unknown placeholder {{{name}}}; allowed: " + ", ".join(f"{{{f}}}" for f in SOURCE_CODE_FIELDS))
             except ValueError as err:
                 self.fail(join_path(where, "task"), f"{task.task!r} is not a valid template: {err}")
             for j, code in enumerate(task.languages or []):
@@ -461,8 +465,6 @@ class _Checker:
         ev = self.spec.evaluation
         if not ev.tasks:
             return
-        from engine.evaluate.tasks import close_names, task_index
-        from engine.languages import resolve_task
 
         include = resolve_path(ev.include_path, self.base_dir) if ev.include_path else None
         known = task_index(include)
@@ -495,12 +497,3 @@ class _Checker:
         for name in names:
             if name != "study":
                 self.fail("execution.output_dir", f"unknown placeholder {{{name}}}; only {{study}} is allowed")
-
-
-def known_accelerator_types() -> set[str]:
-    """The accelerator types Ray detects and advertises as `accelerator_type:<name>` resources."""
-    try:
-        from ray.util.accelerators import accelerators
-    except ImportError:  # validation without Ray installed: accept anything
-        return set()
-    return {v for k, v in vars(accelerators).items() if k.isupper() and isinstance(v, str)}

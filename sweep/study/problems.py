@@ -21,6 +21,12 @@ class StudyInvalid(Exception):
         self.problems = problems
         super().__init__(f"{source}: invalid study file ({len(problems)} problem(s))\n" + "\n".join(map(str, problems)))
 
+    def describe(self) -> str:
+        """What a command prints: the file, how many problems, and one indented line per problem."""
+        n = len(self.problems)
+        head = f"{self.source}: invalid study file ({n} problem{'s' if n != 1 else ''}); nothing was started or written"
+        return "\n".join([head, *(f"  {problem}" for problem in self.problems)])
+
 
 def join_path(*parts: object) -> str:
     out = ""

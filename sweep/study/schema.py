@@ -5,7 +5,7 @@ Every model here forbids unknown keys, so a typo is an error rather than a silen
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
@@ -61,11 +61,11 @@ class TextSource(Strict):
 
 
 class MixSpec(Strict):
-    mix: dict[StrictStr, Union[StrictInt, StrictFloat]] = Field(
+    mix: dict[StrictStr, StrictInt | StrictFloat] = Field(
         ..., description="language -> weight; weights are normalised to sum to 1")
 
 
-LanguageChoice = Union[StrictStr, MixSpec]
+LanguageChoice = StrictStr | MixSpec
 
 
 class CalibrationSpec(Strict):
@@ -76,13 +76,13 @@ class CalibrationSpec(Strict):
     seeds: list[StrictInt] = Field(default_factory=lambda: [0], min_length=1)
 
 
-SparsityValue = Union[StrictFloat, StrictInt, StrictStr]
+SparsityValue = StrictFloat | StrictInt | StrictStr
 
 
 class PrunerSpec(Strict):
     method: StrictStr
     name: StrictStr | None = Field(None, description="label in trial names; needed when one method appears twice")
-    sparsity: Union[SparsityValue, list[SparsityValue]]
+    sparsity: SparsityValue | list[SparsityValue]
     params: dict[StrictStr, Any] = Field(default_factory=dict)
     targets: list[StrictStr] | None = Field(
         None, min_length=1,
@@ -114,7 +114,7 @@ class PerplexitySpec(Strict):
 class TaskSpec(Strict):
     task: StrictStr = Field(..., description="lm-eval task name, or a template such as belebele_{flores}")
     shots: StrictInt = Field(0, ge=0, le=64)
-    limit: Union[StrictInt, StrictFloat, None] = Field(None, gt=0, description="documents per task (or a fraction)")
+    limit: StrictInt | StrictFloat | None = Field(None, gt=0, description="documents per task (or a fraction)")
     languages: list[StrictStr] | None = Field(None, min_length=1, description="subset of evaluation.languages")
 
 
@@ -185,10 +185,10 @@ class SaveModelsSpec(Strict):
 class ExecutionSpec(Strict):
     output_dir: StrictStr = Field("runs/{study}", description="study directory; {study} is the study name")
     retries: StrictInt = Field(2, ge=0, le=100)
-    trial_timeout_s: Union[StrictInt, StrictFloat, None] = Field(None, gt=0)
-    placement_timeout_s: Union[StrictInt, StrictFloat, None] = Field(
+    trial_timeout_s: StrictInt | StrictFloat | None = Field(None, gt=0)
+    placement_timeout_s: StrictInt | StrictFloat | None = Field(
         900, gt=0, description="fail a model's trials as unschedulable when no node can hold its actor for this long")
-    cpus_per_actor: Union[StrictInt, StrictFloat] = Field(1, gt=0)
+    cpus_per_actor: StrictInt | StrictFloat = Field(1, gt=0)
     max_actors: StrictInt | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -8,11 +8,10 @@ from engine.data.local_files import find_language_files
 from engine.data.sources import TextSourceConfig
 from engine.fingerprint import files_fingerprint
 from engine.models import ModelSource
-from engine.trial import (CalibrationConfig, EvaluationConfig, PerplexityConfig, PruningConfig, TaskConfig,
-                          TrialConfig)
+from engine.trial import CalibrationConfig, EvaluationConfig, PerplexityConfig, PruningConfig, TaskConfig, TrialConfig
 from sweep.study.grid import TrialSpec
-from sweep.study.schema import TextSource
 from sweep.study.load import Study
+from sweep.study.schema import TextSource
 
 
 def text_source(study: Study, source: TextSource) -> TextSourceConfig:

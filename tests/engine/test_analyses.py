@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine.analyze.metrics import (activation_probability, iou, language_specific, language_subspace, lape,
-                                    neuron_changes, packed_iou, subspace_snr)
+from engine.analyze.metrics import (
+    activation_probability,
+    iou,
+    language_specific,
+    language_subspace,
+    lape,
+    neuron_changes,
+    packed_iou,
+    subspace_snr,
+)
 
 
 def packed(bits):

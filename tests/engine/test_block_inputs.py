@@ -11,11 +11,27 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import (AutoModelForCausalLM, Cohere2Config, CohereConfig, Gemma2Config, Gemma3TextConfig,
-                          GptOssConfig, LlamaConfig, MinistralConfig, MistralConfig, Olmo3Config, Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    Cohere2Config,
+    CohereConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GptOssConfig,
+    LlamaConfig,
+    MinistralConfig,
+    MistralConfig,
+    Olmo3Config,
+    Qwen3Config,
+)
 
-from engine.prune.block_inputs import (CalibrationBatch, ReplayMismatch, block_output_hidden, capture_block_inputs,
-                                       check_replay)
+from engine.prune.block_inputs import (
+    CalibrationBatch,
+    ReplayMismatch,
+    block_output_hidden,
+    capture_block_inputs,
+    check_replay,
+)
 from engine.prune.layers import find_decoder_layers
 from engine.prune.pruners import make_pruner
 from engine.prune.sequential import prune_sequentially

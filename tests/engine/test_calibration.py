@@ -10,11 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from engine.data.calibration import (NotEnoughText, WindowRequest, calibration_set, language_seed, pack_windows,
-                                     split_budget)
+from engine.data.calibration import (
+    NotEnoughText,
+    WindowRequest,
+    calibration_set,
+    language_seed,
+    pack_windows,
+    split_budget,
+)
 from engine.data.sources import MissingLanguageText, TextSourceConfig, documents
 from engine.languages import get_language
 from tests.conftest import REPO
@@ -180,7 +186,7 @@ def test_cache_hit_reads_nothing(tokenizer, corpus, tmp_path, monkeypatch):
     def no_reading(*_args, **_kwargs):
         raise AssertionError("a cache hit must not read the source")
 
-    monkeypatch.setattr("engine.data.sources.documents", no_reading)
+    monkeypatch.setattr("engine.data.calibration.documents", no_reading)
     again = calibration_set(local(corpus), tokenizer, [("en", 1.0)], request, cache_dir=tmp_path / "cache",
                             source_fingerprint="abc")
     assert torch.equal(first, again)
@@ -216,8 +222,8 @@ def test_preflight_reports_short_text_before_any_trial(tokenizer, corpus, tmp_pa
     import yaml
 
     from sweep.plan.preflight import check_calibration_text, needed_tokens
-    from sweep.study.problems import StudyInvalid
     from sweep.study.load import load_study
+    from sweep.study.problems import StudyInvalid
 
     study_data = {
         "name": "short",

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from engine.prune.masks import lowest_in_matrix, lowest_in_rows, lowest_n_of_m
-from engine.prune.pruners import make_pruner
+from engine.prune.params import PRUNER_PARAMS
+from engine.prune.pruners import IMPLEMENTATIONS, make_pruner
 from engine.prune.sparsegpt_math import CholeskyError, sparsegpt_prune, sparsegpt_prune_columnwise
 from engine.prune.sparsity import parse_sparsity
 from engine.prune.statistics import InputStatistics, relative_output_error
@@ -218,3 +219,15 @@ def test_selection_with_nan_scores_puts_them_last():
 
     scores = torch.tensor([[0.3, float("nan"), 0.1, 0.2]])
     assert lowest_k_per_row(scores, 3).tolist() == [[True, False, True, True]]
+
+
+def test_every_registered_method_has_one_implementation_with_its_needs():
+    assert set(IMPLEMENTATIONS) == set(PRUNER_PARAMS.values())
+    for method, params_cls in PRUNER_PARAMS.items():
+        pruner = make_pruner(method, {})
+        assert (pruner.method, pruner.needs_inputs, pruner.needs_hessian) == \
+            (method, params_cls.needs_calibration, params_cls.needs_hessian)
+    assert [m for m, p in PRUNER_PARAMS.items() if not p.needs_calibration] == ["magnitude"]
+    assert [m for m, p in PRUNER_PARAMS.items() if p.needs_hessian] == ["sparsegpt"]
+    with pytest.raises(ValueError, match="unknown pruning method 'obs'; available: magnitude, wanda, sparsegpt"):
+        make_pruner("obs")

@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import (AutoModelForCausalLM, CohereConfig, GemmaConfig, LlamaConfig, MistralConfig,
-                          Qwen2Config)
+from transformers import AutoModelForCausalLM, CohereConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from engine.prune.layers import DecoderLayersNotFound, find_decoder_layers, linear_layers
 from engine.prune.mask_io import load_masks, save_masks

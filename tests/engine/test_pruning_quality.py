@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.data.calibration import WindowRequest, language_seed, pack_windows, shuffled
+from engine.data.calibration import WindowRequest, language_seed, pack_windows
+from engine.data.sources import shuffled
 from engine.evaluate.suite import perplexity_by_language
 from engine.prune.pruners import make_pruner
 from engine.prune.sequential import prune_sequentially

@@ -38,8 +38,7 @@ from engine.demo.tasks import ensure_demo_tasks, task_name
 from engine.evaluate.tasks import TaskRequest, run_tasks
 from engine.models import ModelSource
 from engine.save import save_pruned_model
-from engine.trial import (CalibrationConfig, EvaluationConfig, PruningConfig, TaskConfig, TrialConfig, load,
-                          run_trial)
+from engine.trial import CalibrationConfig, EvaluationConfig, PruningConfig, TaskConfig, TrialConfig, load, run_trial
 from tests.conftest import OFFLINE, environment
 
 CALIBRATION_LANGUAGE = "sw"

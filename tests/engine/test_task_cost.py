@@ -11,8 +11,8 @@ import yaml
 from engine import flops
 from engine.demo import ensure_demo_assets
 from engine.demo.tasks import ensure_demo_tasks, task_name
-from sweep.plan.estimate import ModelShape, trial_seconds
 from engine.evaluate.task_cost import TaskCost, loglikelihood_batches, task_cost
+from sweep.plan.estimate import ModelShape, trial_seconds
 from tests.conftest import OFFLINE, environment
 
 LETTER_TASK = "letters_en"  # multiple choice answered by one token: lm-eval computes each question once

@@ -9,8 +9,16 @@ import torch
 from engine.data.calibration import NotEnoughText
 from engine.data.sources import TextSourceConfig
 from engine.models import ModelSource
-from engine.trial import (CalibrationConfig, EvaluationConfig, PerplexityConfig, PruningConfig, TrialConfig,
-                          TrialFailed, load, run_trial)
+from engine.trial import (
+    CalibrationConfig,
+    EvaluationConfig,
+    PerplexityConfig,
+    PruningConfig,
+    TrialConfig,
+    TrialFailed,
+    load,
+    run_trial,
+)
 
 
 @pytest.fixture(scope="module")

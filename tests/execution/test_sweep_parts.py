@@ -10,13 +10,13 @@ import time
 import polars as pl
 import pytest
 
-from sweep.store import study_store as store_module
-from sweep.results.progress import LiveProgress, Summary, estimate_eta, format_duration, format_summary
 from sweep.execution.scheduler import Job, Scheduler, SchedulerConfig, Shape, _Slot
+from sweep.execution.worker import injected_fault
+from sweep.results.progress import LiveProgress, Summary, estimate_eta, format_duration, format_summary
 from sweep.results.status import summarize
+from sweep.store import study_store as store_module
 from sweep.store.locations import FsspecLocation, LocalLocation, open_location
 from sweep.store.study_store import StoreLocked, StudyStore
-from sweep.execution.worker import injected_fault
 
 CPU = Shape(gpus=0, cpus=1)
 GPU4 = Shape(gpus=4, cpus=8)

@@ -430,9 +430,9 @@ def test_accelerator_type_keeps_a_model_on_nodes_with_those_gpus(assets, tmp_pat
 
 
 def test_saved_pruned_model_loads_and_gives_the_same_perplexity(assets, tmp_path):
-    from engine.trial import load
-    from engine.models import ModelSource
     from engine.evaluate.suite import perplexity_of_tokens
+    from engine.models import ModelSource
+    from engine.trial import load
     from sweep.study.load import load_study
     from sweep.study.trials import evaluation_config
 

@@ -92,13 +92,14 @@ def test_prefetch_fills_the_cache_trials_read_and_they_no_longer_need_the_source
     """Local model directories, and a local folder standing in for a hub dataset: prefetch builds each
     calibration set once per tokenizer (the two demo models share one) and the evaluation text; with the
     dataset folder gone, the trials' own calibration and evaluation paths still get the same tokens."""
+    from transformers import AutoTokenizer
+
     from engine.data.calibration import WindowRequest, calibration_set
     from engine.trial import evaluation_tokens
-    from sweep.study.grid import expand
     from sweep.plan.prefetch import plan_prefetch, run_prefetch
+    from sweep.study.grid import expand
     from sweep.study.load import load_study
     from sweep.study.trials import evaluation_config, trial_config
-    from transformers import AutoTokenizer
 
     monkeypatch.chdir(tmp_path)  # "hubdata/corpus" resolves here, as a hub id resolves on the hub
     hub_like_dataset(tmp_path / "hubdata" / "corpus", assets.corpus_dir, ("en", "de"))
@@ -263,8 +264,8 @@ def test_bad_input_exits_2_naming_the_problem_and_writes_nothing(assets, tmp_pat
 def test_run_options_reach_the_workers():
     """`sweep run --offline` and `--cache-dir` set variables that sweep.execution.ray_runtime forwards to every worker."""
     from sweep.cli.main import build_parser
-    from sweep.plan.prefetch import OFFLINE_ENV, cache_env
     from sweep.execution.ray_runtime import FORWARDED_ENV_PREFIXES
+    from sweep.plan.prefetch import OFFLINE_ENV, cache_env
 
     forwarded = [*OFFLINE_ENV, *cache_env("/x")]
     assert all(name.startswith(FORWARDED_ENV_PREFIXES) for name in forwarded)

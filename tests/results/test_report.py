@@ -147,9 +147,8 @@ def page_requests(netlog: dict) -> list[str]:
 
 
 def colourful_share(png: Path) -> float:
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
     return float(((pixels.max(axis=2) - pixels.min(axis=2)) > 80).mean())

@@ -140,8 +140,8 @@ def test_seed_and_sparsity_separate_trials(tmp_path, hub_study):
 
 @pytest.fixture
 def local_model(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -159,8 +159,8 @@ def test_local_model_key_follows_content_not_path(tmp_path, hub_study, local_mod
     after_move = keys(tmp_path, mutate(study, "models.0.path", str(moved)))
     assert before == after_move
 
-    from transformers import AutoModelForCausalLM
     import torch
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(moved)
     with torch.no_grad():
