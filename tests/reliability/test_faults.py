@@ -27,7 +27,15 @@ from safetensors.torch import load_file
 
 from sweep.execution.driver import RunOptions, run_study
 from tests.conftest import in_process_cluster, light_demo_study
-from tests.execution.test_sweep_run import assert_same_results, events, of_kind, results_table, spawn_sweep, sweep_cli, sweep_env
+from tests.execution.test_sweep_run import (
+    assert_same_results,
+    events,
+    of_kind,
+    results_table,
+    spawn_sweep,
+    sweep_cli,
+    sweep_env,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 
 from sweep.cli.main import main, report_invalid
 from sweep.study.grid import expand
-from sweep.study.problems import StudyInvalid, join_path
 from sweep.study.load import load_study, study_from_data
+from sweep.study.problems import StudyInvalid, join_path
 from tests.conftest import HUB_STUDY
 
 HERE = Path(__file__).resolve().parent
