@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil  # noqa: E402  (a dependency of ray[default])
 import ray  # noqa: E402
 
+from sweep.execution.replies import WorkerReply  # noqa: E402
 from sweep.execution.scheduler import Job, Scheduler, SchedulerConfig, Shape  # noqa: E402
 from sweep.store.study_store import StudyStore  # noqa: E402
 
@@ -39,13 +40,13 @@ class NoopWorker:
     def info(self) -> dict:
         return {"pid": os.getpid()}
 
-    def load(self, payload, model: str) -> dict:
+    def load(self, payload, model: str) -> WorkerReply:
         loaded = self.model != model
         self.model = model
-        return {"ok": True, "loaded": loaded, "model": model}
+        return WorkerReply(ok=True, loaded=loaded, model=model)
 
-    def run(self, payload, model: str, attempt: int) -> dict:
-        return {"ok": True, "loaded": False, "model": self.model, "result": {"metrics": []}}
+    def run(self, payload, model: str, attempt: int) -> WorkerReply:
+        return WorkerReply(ok=True, model=self.model, result={"metrics": []})
 
 
 def rss_mib() -> float:

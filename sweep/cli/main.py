@@ -188,7 +188,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if plan is None:
             raise ReportError(f"{args.directory} is not a study directory (no plan.json); `sweep run STUDY --out "
                               f"{args.directory}` makes one")
-        out = Path(args.out or Path("reports") / plan["study"])
+        out = Path(args.out or Path("reports") / plan.study)
         path = build_report(args.directory, out)
     except (ReportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

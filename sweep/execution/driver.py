@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sweep.execution.ray_runtime import RayTarget, accelerator_warnings, node_count, start_ray, stop_ray, worker_env
@@ -18,6 +18,7 @@ from sweep.execution.worker import ModelWorker, TrialTask, library_versions
 from sweep.exit_codes import ExitCode
 from sweep.plan.fit import check_model_fit
 from sweep.results.progress import LiveProgress, Summary, estimate_eta, format_duration
+from sweep.store.records import PlannedTrial, PlanRecord, TrialFields
 from sweep.store.study_store import StoreLocked, StudyStore
 from sweep.study.env import REPO_ROOT, apply_default_env
 from sweep.study.grid import Plan, TrialSpec, expand
@@ -47,11 +48,11 @@ class RunOutcome:
     store: str = ""
 
 
-def trial_fields(trial: TrialSpec) -> dict:
-    return {"model": trial.model_label, "pruner": trial.pruner_label or "dense",
-            "sparsity": trial.sparsity.canonical() if trial.sparsity else "0",
-            "calibration": trial.calibration.canonical() if trial.calibration else None,
-            "seed": trial.seed, "dense": trial.is_dense}
+def trial_fields(trial: TrialSpec) -> TrialFields:
+    return TrialFields(model=trial.model_label, pruner=trial.pruner_label or "dense",
+                       sparsity=trial.sparsity.canonical() if trial.sparsity else "0",
+                       calibration=trial.calibration.canonical() if trial.calibration else None,
+                       seed=trial.seed, dense=trial.is_dense)
 
 
 def git_revision() -> str | None:
@@ -66,13 +67,13 @@ def git_revision() -> str | None:
         return None
 
 
-def plan_record(plan: Plan) -> dict:
+def plan_record(plan: Plan) -> PlanRecord:
     spec = plan.study.spec
-    return {"study": plan.study.name, "written": time.time(), "languages": list(spec.evaluation.languages),
-            "calibration_languages": [m.canonical() for m in plan.study.calibration_mixes],
-            "gpus": {m.label: m.gpus for m in spec.models},
-            "analyses": spec.analyses.model_dump(mode="json"),
-            "trials": [{"key": t.key, "name": t.name, **trial_fields(t)} for t in plan.trials]}
+    return PlanRecord(study=plan.study.name, written=time.time(), languages=tuple(spec.evaluation.languages),
+                      calibration_languages=tuple(m.canonical() for m in plan.study.calibration_mixes),
+                      gpus={m.label: m.gpus for m in spec.models}, analyses=spec.analyses.model_dump(mode="json"),
+                      trials=tuple(PlannedTrial(**asdict(trial_fields(t)), key=t.key, name=t.name)
+                                   for t in plan.trials))
 
 
 def run_study(study_path: str | Path, options: RunOptions, out=None, err=None) -> RunOutcome:
@@ -227,7 +228,7 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
         trial = by_key.get(event.get("key"))
         if kind == "finished":
             result = event.pop("result") or {}
-            event.update(trial=trial_fields(trial), spec=trial.payload(), metrics=result.get("metrics", []),
+            event.update(trial=trial_fields(trial).to_json(), spec=trial.payload(), metrics=result.get("metrics", []),
                          pruning=result.get("pruning"), statistics=result.get("statistics_path"),
                          saved_model=result.get("model_path"), hub_repo=result.get("hub_repo"),
                          timings=result.get("timings"), git=revision)
@@ -235,7 +236,7 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
             counts["finished"] += 1
             progress.log(f"  done    {event['name']}  ({event['seconds']:.1f} s, actor #{event['actor']}, attempt {event['attempt']})")
         elif kind == "failed":
-            event.update(trial=trial_fields(trial), git=revision)
+            event.update(trial=trial_fields(trial).to_json(), git=revision)
             verdict = "gave up" if event["final"] else "will retry"
             counts["failed"] += event["final"]
             progress.log(f"  failed  {event['name']}  attempt {event['attempt']} ({verdict}): {event['error']}")
@@ -244,7 +245,7 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
         elif kind == "actor_lost":
             progress.log(f"  worker #{event['actor']} on {event.get('host')} died: {event['error']}; its trial is re-queued")
         elif kind == "started":
-            event.update(trial=trial_fields(trial))
+            event.update(trial=trial_fields(trial).to_json())
         store.append(event)
 
     actor_options = {"runtime_env": {"env_vars": worker_env()}}

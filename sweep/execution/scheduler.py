@@ -2,8 +2,8 @@
 
 The scheduler knows nothing of pruning: a job is a key, the model it needs loaded (its affinity group),
 the actor shape that model needs, and an opaque payload the actor's `run` method understands. Actors
-answer `run(job_payload, model, attempt)` with a reply dict (see `sweep.execution.worker`), and `info()` with where
-they run.
+answer `run(job_payload, model, attempt)` with a `WorkerReply` (sweep.execution.replies), and `info()`
+with where they run.
 
 Policy
 - One queue per model. An idle actor takes the next job for the model it holds; when that queue is
@@ -287,31 +287,31 @@ class Scheduler:
         except RayTaskError as err:
             self._attempt_failed(job, where, _first_line(err), str(err), seconds)
             return
-        if reply.get("loaded"):
+        if reply.loaded:
             self.counters.model_loads += 1
             self.counters.loads_by_model[job.model] = self.counters.loads_by_model.get(job.model, 0) + 1
-        slot.model = reply.get("model")
+        slot.model = reply.model
         if loading:
-            if reply.get("ok"):
+            if reply.ok:
                 self.emit({"event": "model_loaded", "model": job.model, "seconds": seconds, **where,
-                           "load": reply.get("load")})
+                           "load": reply.load})
                 slot.job = job
                 self._run_on(slot)
             else:
-                why = f"loading {job.model} failed: {reply.get('error')}"
-                self._attempt_failed(job, where, why, reply.get("traceback", ""), seconds, reply.get("retryable", True))
-                if reply.get("model_fatal"):  # the model cannot load on such an actor: no trial of it can run
+                why = f"loading {job.model} failed: {reply.error}"
+                self._attempt_failed(job, where, why, reply.traceback, seconds, reply.retryable)
+                if reply.model_fatal:  # the model cannot load on such an actor: no trial of it can run
                     self._give_up_queued([job.model], why)
             return
-        if reply.get("ok"):
+        if reply.ok:
             self.counters.finished += 1
             self.emit({"event": "finished", "key": job.key, "name": job.name, "model": job.model,
                        "attempt": job.earlier_attempts + job.attempts, "seconds": seconds, **where,
-                       "result": reply.get("result"), "load": reply.get("load"), "worker_seconds": reply.get("seconds"),
+                       "result": reply.result, "load": reply.load, "worker_seconds": reply.seconds,
                        "versions": (slot.info or {}).get("versions")})
         else:
-            self._attempt_failed(job, where, reply.get("error", "unknown error"), reply.get("traceback", ""), seconds,
-                                 reply.get("retryable", True))
+            self._attempt_failed(job, where, reply.error or "unknown error", reply.traceback, seconds,
+                                 reply.retryable)
 
     def _attempt_failed(self, job: Job, where: dict, error: str, traceback: str, seconds: float,
                         retryable: bool = True) -> None:

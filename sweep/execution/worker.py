@@ -1,8 +1,8 @@
 """The worker actor: keeps one model loaded and runs the engine's trials on it.
 
 `ModelWorker` is a plain class (the scheduler wraps it with `ray.remote`), so it runs the same in a
-test without Ray. A reply is a dict: ok, result or error + traceback, the model it holds now, and
-whether this call loaded it (the driver counts loads).
+test without Ray. Each call answers a `WorkerReply`: ok, the result or the error and its traceback, the
+model it holds now, and whether this call loaded it (the driver counts loads).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from typing import Any
 
 from engine.io import calibration_cache_dir
 from engine.placement import ModelDoesNotFit
+from sweep.execution.replies import WorkerReply
 from sweep.store.artifacts import publish_directory
 from sweep.study.env import quiet_libraries
 
@@ -96,27 +97,26 @@ class ModelWorker:
     def holds(self) -> str | None:
         return self.model_id
 
-    def load(self, task: TrialTask, model_id: str) -> dict:
+    def load(self, task: TrialTask, model_id: str) -> WorkerReply:
         """Makes this actor hold `model_id` (freeing the model it held first)."""
         started = time.perf_counter()
-        reply: dict[str, Any] = {"ok": False, "loaded": False}
+        reply = WorkerReply()
         try:
             if self.model_id != model_id:
-                reply["load"] = self._load(task.model_source, model_id, self._device(task.device))
-                reply["loaded"] = True
-            reply["ok"] = True
+                reply.load = self._load(task.model_source, model_id, self._device(task.device))
+                reply.loaded = True
+            reply.ok = True
         except Exception as err:  # noqa: BLE001
 
             fatal = isinstance(err, (DeviceUnavailable, ModelDoesNotFit))
-            reply.update(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(),
-                         retryable=not fatal, model_fatal=fatal)
-        reply["model"] = self.model_id
-        reply["seconds"] = time.perf_counter() - started
+            reply.failed(err, traceback.format_exc(), retryable=not fatal, model_fatal=fatal)
+        reply.model = self.model_id
+        reply.seconds = time.perf_counter() - started
         return reply
 
-    def run(self, task: TrialTask, model_id: str, attempt: int = 1) -> dict:
+    def run(self, task: TrialTask, model_id: str, attempt: int = 1) -> WorkerReply:
         started = time.perf_counter()
-        reply: dict[str, Any] = {"ok": False, "loaded": False}
+        reply = WorkerReply()
         try:
             fault = injected_fault(task.config.name, attempt)
             if fault == "exit":
@@ -125,22 +125,21 @@ class ModelWorker:
                 time.sleep(10**9)
             device = self._device(task.device)
             if self.model_id != model_id:
-                reply["load"] = self._load(task.model_source, model_id, device)
-                reply["loaded"] = True
+                reply.load = self._load(task.model_source, model_id, device)
+                reply.loaded = True
             if fault == "raise":
                 raise RuntimeError(f"injected fault ({FAULTS_ENV}) on attempt {attempt}")
-            reply["result"] = self._run_trial(task, device)
-            reply["ok"] = True
+            reply.result = self._run_trial(task, device)
+            reply.ok = True
         except Exception as err:  # noqa: BLE001 - every failure goes back to the driver as data
             from engine.trial import TrialFailed
 
-            reply["error"] = f"{type(err).__name__}: {err}"
-            reply["traceback"] = traceback.format_exc()
             # A result that is not usable (non-finite perplexity) will not change on a retry.
-            reply["retryable"] = not isinstance(err, (TrialFailed, DeviceUnavailable, ModelDoesNotFit))
+            reply.failed(err, traceback.format_exc(),
+                         retryable=not isinstance(err, (TrialFailed, DeviceUnavailable, ModelDoesNotFit)))
             self._check_dense_weights()
-        reply["model"] = self.model_id
-        reply["seconds"] = time.perf_counter() - started
+        reply.model = self.model_id
+        reply.seconds = time.perf_counter() - started
         return reply
 
     @staticmethod

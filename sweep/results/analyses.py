@@ -37,6 +37,7 @@ from engine.analyze.metrics import (
     packed_iou,
     subspace_snr,
 )
+from sweep.store.records import PlannedTrial, PlanRecord
 from sweep.store.study_store import StudyStore
 
 LAYER = re.compile(r"(?:^|\.)(\d+)\.(.+)$")
@@ -89,23 +90,23 @@ def _packed_masks(path: Path) -> dict[str, np.ndarray]:
         return {name: handle.get_tensor(name) for name in handle.keys()}
 
 
-def mask_overlap(trials: list[dict], artifacts: _Artifacts, languages: list[str]) -> tuple[pl.DataFrame, list[str]]:
+def mask_overlap(trials: list[PlannedTrial], artifacts: _Artifacts, languages: list[str]) -> tuple[pl.DataFrame, list[str]]:
     rows, missing = [], []
-    single = [t for t in trials if not t["dense"] and t.get("calibration") in languages]
-    groups: dict[tuple, list[dict]] = {}
+    single = [t for t in trials if not t.dense and t.calibration in languages]
+    groups: dict[tuple, list[PlannedTrial]] = {}
     for t in single:
-        groups.setdefault((t["model"], t["pruner"], t["sparsity"], t["seed"]), []).append(t)
+        groups.setdefault((t.model, t.pruner, t.sparsity, t.seed), []).append(t)
     for (model, pruner, sparsity, seed), members in groups.items():
         masks = {}
         kinds = {}
         for t in members:
             for name, kind in (("masks.safetensors", "full"), ("mask_sample.safetensors", "sampled")):
-                path = artifacts.path(t["key"], name)
+                path = artifacts.path(t.key, name)
                 if path is not None:
-                    masks[t["calibration"]], kinds[t["calibration"]] = _packed_masks(path), kind
+                    masks[t.calibration], kinds[t.calibration] = _packed_masks(path), kind
                     break
             else:
-                missing.append(t["name"])
+                missing.append(t.name)
         ordered = sorted(masks, key=languages.index)
         for a, b in itertools.combinations(ordered, 2):
             if kinds[a] != kinds[b]:
@@ -127,22 +128,22 @@ def mask_overlap(trials: list[dict], artifacts: _Artifacts, languages: list[str]
     return pl.DataFrame(rows, schema=schema, orient="row"), missing
 
 
-def _statistics(trials: list[dict], artifacts: _Artifacts) -> tuple[dict[str, tuple[list[str], dict]], list[str]]:
+def _statistics(trials: list[PlannedTrial], artifacts: _Artifacts) -> tuple[dict[str, tuple[list[str], dict]], list[str]]:
     found, missing = {}, []
     for t in trials:
-        path = artifacts.path(t["key"], "statistics.safetensors")
+        path = artifacts.path(t.key, "statistics.safetensors")
         if path is None:
-            missing.append(t["name"])
+            missing.append(t.name)
         else:
-            found[t["key"]] = load_statistics(path)
+            found[t.key] = load_statistics(path)
     return found, missing
 
 
-def neuron_tables(trials: list[dict], stats: dict, settings: AnalysisSettings) -> tuple[pl.DataFrame, pl.DataFrame]:
+def neuron_tables(trials: list[PlannedTrial], stats: dict, settings: AnalysisSettings) -> tuple[pl.DataFrame, pl.DataFrame]:
     neuron_rows, hist_rows = [], []
-    dense_by_model = {t["model"]: t for t in trials if t["dense"] and "active" in stats.get(t["key"], (0, {}))[1]}
+    dense_by_model = {t.model: t for t in trials if t.dense and "active" in stats.get(t.key, (0, {}))[1]}
     for model, dense_trial in dense_by_model.items():
-        languages, dense = stats[dense_trial["key"]]
+        languages, dense = stats[dense_trial.key]
         p_dense = activation_probability(dense["active"], dense["tokens"])
         flat = p_dense.flatten().float()
         if flat.numel() > 2**24:  # torch.quantile's limit; a fixed strided subsample keeps the quantile
@@ -152,8 +153,8 @@ def neuron_tables(trials: list[dict], stats: dict, settings: AnalysisSettings) -
         specific_dense = language_specific(p_dense, lape_dense, settings.lape_quantile, threshold)
         top = math.log(len(languages))
         edges = torch.linspace(0, top, LAPE_BINS + 1, dtype=torch.float64)
-        for t in [dense_trial, *[t for t in trials if t["model"] == model and not t["dense"] and t["key"] in stats]]:
-            t_languages, values = stats[t["key"]]
+        for t in [dense_trial, *[t for t in trials if t.model == model and not t.dense and t.key in stats]]:
+            t_languages, values = stats[t.key]
             if t_languages != languages or "active" not in values:
                 continue  # measured on other target languages: not comparable
             p = activation_probability(values["active"], values["tokens"])
@@ -174,18 +175,18 @@ def neuron_tables(trials: list[dict], stats: dict, settings: AnalysisSettings) -
     return pl.DataFrame(neuron_rows, infer_schema_length=None), pl.DataFrame(hist_rows, infer_schema_length=None)
 
 
-def snr_table(trials: list[dict], stats: dict, settings: AnalysisSettings) -> pl.DataFrame:
+def snr_table(trials: list[PlannedTrial], stats: dict, settings: AnalysisSettings) -> pl.DataFrame:
     rows = []
-    dense_by_model = {t["model"]: t for t in trials if t["dense"] and "hidden_mean" in stats.get(t["key"], (0, {}))[1]}
+    dense_by_model = {t.model: t for t in trials if t.dense and "hidden_mean" in stats.get(t.key, (0, {}))[1]}
     for model, dense_trial in dense_by_model.items():
-        languages, dense = stats[dense_trial["key"]]
+        languages, dense = stats[dense_trial.key]
         means = dense["hidden_mean"]  # [languages, layers, hidden]
         bases = [language_subspace(means[:, layer], settings.subspace_rank) for layer in range(means.shape[1])]
         for t in trials:
-            if (t["model"] != model or t["dense"] or t["key"] not in stats or stats[t["key"]][0] != languages
-                    or "hidden_mean" not in stats[t["key"]][1]):
+            if (t.model != model or t.dense or t.key not in stats or stats[t.key][0] != languages
+                    or "hidden_mean" not in stats[t.key][1]):
                 continue
-            pruned = stats[t["key"]][1]["hidden_mean"]
+            pruned = stats[t.key][1]["hidden_mean"]
             for i, target in enumerate(languages):
                 for layer, basis in enumerate(bases):
                     specific, agnostic = subspace_snr(means[i, layer], pruned[i, layer], basis)
@@ -194,12 +195,12 @@ def snr_table(trials: list[dict], stats: dict, settings: AnalysisSettings) -> pl
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
-def layer_error_table(trials: list[dict], stats: dict) -> pl.DataFrame:
+def layer_error_table(trials: list[PlannedTrial], stats: dict) -> pl.DataFrame:
     rows = []
     for t in trials:
-        if t["dense"] or t["key"] not in stats or "layer_error" not in stats[t["key"]][1]:
+        if t.dense or t.key not in stats or "layer_error" not in stats[t.key][1]:
             continue
-        languages, values = stats[t["key"]]
+        languages, values = stats[t.key]
         errors = values["layer_error"]
         for i, target in enumerate(languages):
             for j, name in enumerate(values["linear_layers"]):
@@ -212,16 +213,16 @@ def layer_error_table(trials: list[dict], stats: dict) -> pl.DataFrame:
 
 
 def _fields(t: dict) -> dict:
-    return {"key": t["key"], "name": t["name"], "model": t["model"], "pruner": t["pruner"], "sparsity": t["sparsity"],
-            "calibration": t.get("calibration") or "", "seed": t.get("seed")}
+    return {"key": t.key, "name": t.name, "model": t.model, "pruner": t.pruner, "sparsity": t.sparsity,
+            "calibration": t.calibration or "", "seed": t.seed}
 
 
-def run_analyses(study_dir: Path | str, plan: dict, finished: set[str], settings: AnalysisSettings,
+def run_analyses(study_dir: Path | str, plan: PlanRecord, finished: set[str], settings: AnalysisSettings,
                  masks: bool, neurons: bool, subspace: bool) -> AnalysisTables:
     store = StudyStore(study_dir)
     artifacts = _Artifacts(store)
-    languages = plan.get("languages") or []
-    trials = [t for t in plan["trials"] if t["key"] in finished]
+    languages = list(plan.languages)
+    trials = [t for t in plan.trials if t.key in finished]
     overlap, no_masks = mask_overlap(trials, artifacts, languages) if masks else (pl.DataFrame(), [])
     stats, no_stats = _statistics(trials, artifacts) if (neurons or subspace or masks) else ({}, [])
     neuron_df, hist_df = neuron_tables(trials, stats, settings) if neurons else (pl.DataFrame(), pl.DataFrame())

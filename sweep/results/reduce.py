@@ -19,6 +19,7 @@ from pathlib import Path
 
 import polars as pl
 
+from sweep.store.records import PlanRecord
 from sweep.store.study_store import StudyStore
 
 TRIAL_COLUMNS = ["model", "pruner", "sparsity", "calibration", "seed"]
@@ -48,11 +49,11 @@ class StudyTables:
         return calibration_matrix(self.seeds.lazy(), model, pruner, sparsity, task, metric, self.languages, value)
 
 
-def plan_frame(plan: dict) -> pl.LazyFrame:
+def plan_frame(plan: PlanRecord) -> pl.LazyFrame:
     """The plan's trials (plan.json) as a frame: key, name and the trial fields."""
     schema = {"key": pl.String, "name": pl.String, "model": pl.String, "pruner": pl.String, "sparsity": pl.String,
               "calibration": pl.String, "seed": pl.Int64, "dense": pl.Boolean}
-    rows = [{c: t.get(c) for c in schema} for t in plan.get("trials", [])]
+    rows = [t.to_json() for t in plan.trials]
     return pl.LazyFrame(rows, schema=schema)
 
 
@@ -137,21 +138,20 @@ def calibration_matrix(seeds: pl.LazyFrame, model: str, pruner: str, sparsity: s
             .select("calibration", *[pl.col(t) if t in wide.columns else pl.lit(None, pl.Float64).alias(t) for t in targets]))
 
 
-def reduce_study(results: pl.LazyFrame, plan: dict, languages: list[str]) -> StudyTables:
+def reduce_study(results: pl.LazyFrame, plan: PlanRecord, languages: list[str]) -> StudyTables:
     tidy = against_dense(tidy_results(results, plan_frame(plan)))
     seeds = over_seeds(tidy)
     tidy_df, seeds_df = pl.collect_all([tidy, seeds])
-    groups = list(dict.fromkeys((t["model"], t["pruner"], t["sparsity"]) for t in plan.get("trials", [])
-                                if not t.get("dense")))
+    groups = list(dict.fromkeys((t.model, t.pruner, t.sparsity) for t in plan.trials if not t.dense))
     return StudyTables(tidy=tidy_df, seeds=seeds_df, ranks=target_ranks(seeds_df.lazy(), languages).collect(),
                        tasks=downstream(seeds_df.lazy()).collect(), languages=languages, groups=groups)
 
 
-def load_tables(study_dir: Path | str, plan: dict, languages: list[str]) -> StudyTables:
+def load_tables(study_dir: Path | str, plan: PlanRecord, languages: list[str]) -> StudyTables:
     store = StudyStore(study_dir)
     raw = store.location.read_bytes("results.parquet")
     if raw is None:
-        store.compact({t["key"] for t in plan.get("trials", [])})
+        store.compact(plan.keys)
         raw = store.location.read_bytes("results.parquet")
 
     return reduce_study(pl.read_parquet(io.BytesIO(raw)).lazy(), plan, languages)

@@ -14,6 +14,7 @@ import polars as pl
 from sweep.results.figures import heatmap_png
 from sweep.results.reduce import StudyTables, calibration_matrix, load_tables, lower_is_better
 from sweep.results.run_stats import RunStats, run_stats
+from sweep.store.records import PlanRecord
 from sweep.store.study_store import StudyStore
 
 PERPLEXITY_METRICS = ("bits_per_byte", "token_perplexity")
@@ -39,8 +40,8 @@ def build_report(study_dir: Path | str, out_dir: Path, extra_sections: list[str]
     if plan is None:
         raise ReportError(f"{study_dir} is not a study directory (no plan.json): run `sweep run STUDY --out {study_dir}` first")
     events = store.read_events().events
-    keys = {t["key"] for t in plan["trials"]}
-    languages = plan.get("languages") or sorted({t["calibration"] for t in plan["trials"] if t.get("calibration")})
+    keys = plan.keys
+    languages = list(plan.languages) or sorted({t.calibration for t in plan.trials if t.calibration})
     tables = load_tables(study_dir, plan, languages)
     stats = run_stats(events, keys)
     study_text = _latest_study_text(store, events)
@@ -63,14 +64,14 @@ def build_report(study_dir: Path | str, out_dir: Path, extra_sections: list[str]
     return out_dir / "index.html"
 
 
-def analysis_sections(study_dir, plan: dict, finished: set[str], tables: StudyTables, out_dir: Path) -> list[str]:
+def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: StudyTables, out_dir: Path) -> list[str]:
     """The mask, neuron and subspace analyses the study switched on, as report sections (tables written
     beside the report as analysis-*.csv / .parquet, figures as PNG)."""
     from sweep.results.analyses import AnalysisSettings, run_analyses
     from sweep.results.figures import iou_png, lape_png, snr_png
 
-    config = plan.get("analyses") or {}
-    on = {name: bool((config.get(name) or {}).get("enabled")) for name in ("masks", "lape", "subspace")}
+    config = plan.analyses
+    on = {name: plan.analysis_enabled(name) for name in ("masks", "lape", "subspace")}
     if not any(on.values()):
         return []
     lape_config, subspace_config = config.get("lape") or {}, config.get("subspace") or {}
@@ -264,17 +265,17 @@ def table_html(frame: pl.DataFrame, limit: int | None = None) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
 
 
-def render(plan: dict, tables: StudyTables, stats: RunStats, heatmaps: list[Heatmap], study_text: str,
+def render(plan: PlanRecord, tables: StudyTables, stats: RunStats, heatmaps: list[Heatmap], study_text: str,
            events: list[dict], extra_sections: list[str]) -> str:
-    total = len(plan["trials"])
+    total = len(plan.trials)
     finished_keys = set(tables.tidy.filter(pl.col("finished"))["key"].unique().to_list())
     failed = _failed_trials(events, finished_keys)
-    missing = [t for t in plan["trials"] if t["key"] not in finished_keys]
+    missing = [t for t in plan.trials if t.key not in finished_keys]
     state = ("complete" if not missing else
              f"partial: {len(finished_keys)} of {total} trials finished, {len(failed)} failed, "
              f"{len(missing) - len(failed)} not run yet; missing cells are marked, never filled")
     sections = [
-        f"<h1>Study {html.escape(plan.get('study', ''))}</h1>",
+        f"<h1>Study {html.escape(plan.study)}</h1>",
         f"<p class=state>{html.escape(state)}</p>",
         "<h2>Findings</h2>",
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in findings(tables)) + "</ul>"
@@ -321,7 +322,7 @@ def render(plan: dict, tables: StudyTables, stats: RunStats, heatmaps: list[Heat
                      table_html(seeds.select(*["model", "pruner", "sparsity", "calibration", "target", "task", "metric",
                                                "mean", "std", "seeds", "seeds_expected"]), limit=200)]
     if missing:
-        rows = [[t["name"], failed.get(t["key"], "not run yet")] for t in missing]
+        rows = [[t.name, failed.get(t.key, "not run yet")] for t in missing]
         sections += ["<h2>Missing trials</h2>",
                      table_html(pl.DataFrame(rows, schema=["trial", "status"], orient="row"), limit=500)]
     sections += ["<h2>Run statistics</h2>", table_html(pl.DataFrame([
@@ -351,7 +352,7 @@ def render(plan: dict, tables: StudyTables, stats: RunStats, heatmaps: list[Heat
              "td.missing{color:#999;background:repeating-linear-gradient(45deg,#fff,#fff 4px,#eee 4px,#eee 8px)}"
              "figure{display:inline-block;margin:.5rem}figure img{max-width:34rem}figcaption{font-size:.8rem}"
              "pre{background:#f7f7f7;padding:1rem;overflow-x:auto;font-size:.8rem}.state{font-weight:600}.note{color:#666}")
-    title = html.escape(f"study {plan.get('study', '')}")
+    title = html.escape(f"study {plan.study}")
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{title}</title><style>{style}</style>"
             "</head><body>" + "\n".join(sections) + "</body></html>\n")
 

@@ -6,13 +6,14 @@ import time
 
 from sweep.results.progress import Summary, estimate_eta, format_duration, format_summary
 from sweep.results.run_stats import stage_medians
+from sweep.store.records import PlanRecord
 from sweep.store.study_store import StudyStore, study_state
 
 
-def summarize(plan: dict | None, events: list[dict], driver_alive: bool) -> tuple[Summary, dict]:
+def summarize(plan: PlanRecord | None, events: list[dict], driver_alive: bool) -> tuple[Summary, dict]:
     """The summary of the latest plan, from events; `extra` holds the latest run's facts."""
     store_state = study_state(events)
-    keys = [t["key"] for t in (plan or {}).get("trials", [])]
+    keys = [t.key for t in plan.trials] if plan is not None else []
     runs = [e for e in events if e.get("event") == "run_started"]
     latest = runs[-1]["run"] if runs else None
     live = [e for e in events if e.get("run") == latest] if latest else []
@@ -63,7 +64,7 @@ def print_status(directory: str, show_failures: bool = False, out=sys.stdout, er
         state = f"running: driver pid {holder.get('pid')} on {holder.get('host')} since {since}"
     else:
         state = "stopped" + (" (a stale lock of a dead driver is left; the next run takes it over)" if holder else "")
-    print(f"study {plan.get('study')} in {store.location.url}: {state}; {extra['runs']} driver run(s)", file=out)
+    print(f"study {plan.study} in {store.location.url}: {state}; {extra['runs']} driver run(s)", file=out)
     print(format_summary(summary), file=out)
     medians = stage_medians(reading.events)
     if medians:
@@ -75,7 +76,7 @@ def print_status(directory: str, show_failures: bool = False, out=sys.stdout, er
     for event in extra["running"].values():
         print(f"  running {event.get('name')}  attempt {event.get('attempt')} on actor #{event.get('actor')} "
               f"({event.get('host')}) for {format_duration(time.time() - event.get('time', time.time()))}", file=out)
-    names = {t["key"]: t["name"] for t in plan.get("trials", [])}
+    names = {t.key: t.name for t in plan.trials}
     for key in extra["failed_keys"]:
         event = extra["state"].failed[key]
         verdict = "gave up" if event.get("final", True) else "retrying"

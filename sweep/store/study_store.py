@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweep.store.locations import Location, open_location
+from sweep.store.records import PlanRecord
 
 TERMINAL = ("finished", "failed")
 LEASE_S = 900.0  # a lock whose heartbeat is older than this, held from another host, is stale
@@ -216,12 +217,12 @@ class StudyStore:
         self.location.write_atomic(rel, data)
         return self.ref(rel)
 
-    def write_plan(self, plan: dict) -> None:
-        self.location.write_atomic("plan.json", json.dumps(plan, indent=1).encode())
+    def write_plan(self, plan: PlanRecord) -> None:
+        self.location.write_atomic("plan.json", json.dumps(plan.to_json(), indent=1).encode())
 
-    def read_plan(self) -> dict | None:
+    def read_plan(self) -> PlanRecord | None:
         raw = self.location.read_bytes("plan.json")
-        return json.loads(raw) if raw is not None else None
+        return PlanRecord.from_json(json.loads(raw)) if raw is not None else None
 
     # -- events --------------------------------------------------------------------------------
     def append(self, event: dict) -> None:

@@ -16,6 +16,7 @@ from sweep.results.progress import LiveProgress, Summary, estimate_eta, format_d
 from sweep.results.status import summarize
 from sweep.store import study_store as store_module
 from sweep.store.locations import FsspecLocation, LocalLocation, open_location
+from sweep.store.records import PlanRecord
 from sweep.store.study_store import StoreLocked, StudyStore
 
 CPU = Shape(gpus=0, cpus=1)
@@ -157,7 +158,7 @@ def _event(kind, key=None, run="r2", **fields):
 
 
 def test_status_summary_of_a_running_study():
-    plan = {"trials": [{"key": k, "name": k} for k in ("a", "b", "c", "d", "e")]}
+    plan = PlanRecord.from_json({"trials": [{"key": k, "name": k} for k in ("a", "b", "c", "d", "e")]})
     events = [
         _event("run_started", run="r1"), _event("started", "a", run="r1", actor=1, model="m"),
         _event("finished", "a", run="r1", actor=1, seconds=10.0),

@@ -66,7 +66,7 @@ def runs(evs: list[dict]) -> list[str]:
 
 
 def plan_keys(directory: Path | str) -> set[str]:
-    return {t["key"] for t in StudyStore(directory).read_plan()["trials"]}
+    return StudyStore(directory).read_plan().keys
 
 
 def wait_for_finished(directory: Path, count: int, process: subprocess.Popen, timeout: float = 300) -> None:

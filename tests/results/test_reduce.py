@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 from sweep.results.reduce import reduce_study
+from sweep.store.records import PlanRecord
 
 LANGS = ["en", "de"]
 
@@ -42,7 +43,7 @@ def tables():
             for k, cells in VALUES.items() for (t, task, m), v in cells.items()]
     rows.append({"key": "old", "language": "en", "task": "perplexity", "metric": "bits_per_byte", "value": 9.0,
                  "current": False})  # an earlier evaluation suite's result: not part of these tables
-    return reduce_study(pl.LazyFrame(rows), PLAN, LANGS)
+    return reduce_study(pl.LazyFrame(rows), PlanRecord.from_json(PLAN), LANGS)
 
 
 def seed_row(tables, pruner, calibration, target, task="perplexity", metric="bits_per_byte"):

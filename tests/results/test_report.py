@@ -12,6 +12,7 @@ import pytest
 
 from sweep.cli.main import main
 from sweep.results.report import build_report
+from sweep.store.records import PlanRecord
 from sweep.store.study_store import StudyStore
 
 
@@ -44,7 +45,7 @@ def study_dir(tmp_path) -> Path:
     root = tmp_path / "study"
     with StudyStore(root) as store:
         store.freeze_study("name: synthetic\n")
-        store.write_plan({"study": "synthetic", "languages": ["en", "de"], "trials": TRIALS})
+        store.write_plan(PlanRecord.from_json({"study": "synthetic", "languages": ["en", "de"], "trials": TRIALS}))
         store.append({"event": "run_started", "study_file": str(root / "study.yaml"), "git": "abc123",
                       "versions": {"python": "3.11.7", "torch": "2.13.0"}})
         store.append({"event": "actor_started", "actor": 1, "versions": {"torch": "2.13.0", "ray": "2.60.0"}})
@@ -100,7 +101,7 @@ def test_report_of_a_partial_study(study_dir, tmp_path):
 def test_report_cli_and_a_study_with_nothing_finished(tmp_path, capsys):
     root = tmp_path / "empty"
     with StudyStore(root) as store:
-        store.write_plan({"study": "empty", "languages": ["en"], "trials": TRIALS[:2]})
+        store.write_plan(PlanRecord.from_json({"study": "empty", "languages": ["en"], "trials": TRIALS[:2]}))
     assert main(["report", str(root), "--out", str(tmp_path / "r")]) == 0
     text = visible_text((tmp_path / "r" / "index.html").read_text())
     assert "partial: 0 of 2 trials finished" in text and "No finished pruned trials yet" in text

@@ -39,15 +39,16 @@ def test_old_records_read_as_they_were_written(old_study):
     reading = store.read_events()
     assert not reading.cut_off and not reading.unreadable
     state = store.state(reading.events)
-    assert {t["name"] for t in plan["trials"]} == OLD_NAMES
-    assert all(state.is_done(t["key"]) for t in plan["trials"])
+    assert {t.name for t in plan.trials} == OLD_NAMES
+    assert all(state.is_done(t.key) for t in plan.trials)
+    assert plan.languages == ("en", "de") and plan.analysis_enabled("masks")
     out = io.StringIO()
     assert print_status(str(old_study / "runs" / "compat-v1"), out=out, err=io.StringIO()) == 0
     assert "3/3 done" in out.getvalue(), out.getvalue()
 
 
 def test_trial_keys_are_those_the_old_code_wrote(old_study):
-    old = {t["name"]: t["key"] for t in StudyStore(old_study / "runs" / "compat-v1").read_plan()["trials"]}
+    old = {t.name: t.key for t in StudyStore(old_study / "runs" / "compat-v1").read_plan().trials}
     now = {t.name: t.key for t in expand(load_study(old_study / "study.yaml")).trials}
     assert {name: now[name] for name in OLD_NAMES} == old
     assert set(now) - set(old) == {"tiny.wanda.s50.cal-de.seed0"}
