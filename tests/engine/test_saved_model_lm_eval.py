@@ -11,7 +11,7 @@ multiple-choice task and a `loglikelihood_rolling` (perplexity) task, then saved
 * `lm_eval --model hf --model_args pretrained=<saved dir>,...` run as a subprocess, offline, reports the
   same documents (task hashes) and the same metrics as the in-memory evaluation.
 
-Three cases: demo-llama in float32 with `dtype=float32` given to the CLI (what the README shows),
+Three cases: demo-llama in float32 with `dtype=float32` given to the CLI,
 demo-cohere (tied embeddings, logit scale) in bfloat16 with no dtype given, so the CLI's `dtype=auto`
 must find bfloat16 in the saved config, and the real Gemma 3 270M in float32 (slow: built from the
 package index).

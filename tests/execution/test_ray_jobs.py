@@ -1,4 +1,4 @@
-"""`sweep run` on a Ray cluster started with `ray start --head`, as the README's "Running on a cluster"
+"""`sweep run` on a Ray cluster started with `ray start --head`, as docs/cluster.md
 describes it: token authentication on; the study submitted with `ray job submit --working-dir .`, stopped
 with `ray job stop`, read back with `ray job logs`, resumed by submitting the same job again; then grown
 through the `ray submit` entry script (scripts/run_study.py), which joins the cluster with `--address auto`.
@@ -218,7 +218,7 @@ def ray_cli(head: Head, *args: str, timeout: float = 300) -> subprocess.Complete
 
 def submit(head: Head, submission_id: str, *entrypoint: str, wait: bool = True,
            env_vars: dict | None = None) -> subprocess.CompletedProcess:
-    """The README's `ray job submit --working-dir .` of this repository (Ray leaves out what .gitignore
+    """docs/cluster.md's `ray job submit --working-dir .` of this repository (Ray leaves out what .gitignore
     names, and .git and .venv by default); the demo assets' location goes with the job's runtime env."""
     runtime_env = {"env_vars": {"SWEEP_DEMO_DIR": head.env["SWEEP_DEMO_DIR"], **(env_vars or {})}}
     return ray_cli(head, "job", "submit", "--address", head.dashboard, "--submission-id", submission_id,

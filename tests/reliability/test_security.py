@@ -1,7 +1,7 @@
 """Security: study files are parsed without constructing objects; nothing in the code or in a study
 directory is a pickle (masks, statistics, caches and saved models are safetensors); the cluster configs
 bind the dashboard and its Jobs API to the head's localhost and start every node with token
-authentication, as the README documents. One small real run (embedded Ray, the demo model) also checks
+authentication, as docs/cluster.md documents. One small real run (embedded Ray, the demo model) also checks
 that a model giving a non-finite perplexity has its trials recorded as failed, with the reason, once
 (not retried) and kept out of the results.
 """
@@ -100,10 +100,10 @@ def test_cluster_dashboard_and_job_server_bound_to_localhost_with_token_auth(nam
 
 
 def test_token_authentication_is_documented():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    runbook = (REPO / "docs" / "cluster.md").read_text(encoding="utf-8")
     for needed in ("ray get-auth-token --generate", "RAY_AUTH_MODE=token", "~/.ray/auth_token", "401",
                    "127.0.0.1:8265", "--dashboard-host=127.0.0.1", "keep it out of version control"):
-        assert needed in readme, needed
+        assert needed in runbook, needed
 
 
 # -- a small real run -------------------------------------------------------------------------------------------
@@ -122,8 +122,8 @@ def nan_model(source: Path, target: Path) -> Path:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     from engine.demo import ensure_demo_assets
-    from sweep.study.env import default_demo_dir
     from sweep.execution.driver import RunOptions, run_study
+    from sweep.study.env import default_demo_dir
 
     ensure_demo_assets(log=print)
     directory = tmp_path_factory.mktemp("secure")
