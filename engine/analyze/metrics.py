@@ -2,9 +2,30 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+# torch.quantile refuses inputs of more than 2**24 elements.
+_TORCH_QUANTILE_LIMIT = 2**24
+
+
+def quantile(values: torch.Tensor, q: float) -> float:
+    """torch.quantile's default (linear interpolation between the two nearest order statistics) of all
+    elements, at any size: above torch's limit the two order statistics come from kthvalue."""
+    flat = values.detach().flatten().double().cpu()
+    n = flat.numel()
+    if n == 0:
+        raise ValueError("quantile of no values")
+    if n <= _TORCH_QUANTILE_LIMIT:
+        return float(torch.quantile(flat, q))
+    position = q * (n - 1)
+    low = math.floor(position)
+    high = min(low + 1, n - 1)
+    below = float(torch.kthvalue(flat, low + 1).values)
+    above = float(torch.kthvalue(flat, high + 1).values) if high != low else below
+    return below + (above - below) * (position - low)
 
 # -- masks ------------------------------------------------------------------------------------------
 
@@ -42,8 +63,7 @@ def language_specific(probability: torch.Tensor, entropy: torch.Tensor, lape_qua
     finite = entropy[~entropy.isnan()]
     if finite.numel() == 0:
         return torch.zeros_like(entropy, dtype=torch.bool)
-    cut = torch.quantile(finite.float(), lape_quantile) if finite.numel() <= 2**24 else \
-        torch.kthvalue(finite.float().cpu(), max(1, int(lape_quantile * finite.numel()))).values
+    cut = quantile(finite, lape_quantile)
     return (entropy <= cut) & (probability.max(dim=0).values >= activation_threshold)
 
 
@@ -51,6 +71,34 @@ def neuron_changes(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, int]:
     """How many language-specific neurons of the dense model survive pruning, vanish, and appear."""
     return {"dense": int(dense.sum()), "pruned": int(pruned.sum()), "survive": int((dense & pruned).sum()),
             "vanish": int((dense & ~pruned).sum()), "appear": int((~dense & pruned).sum())}
+
+
+@dataclass(frozen=True)
+class NeuronSummary:
+    mean_lape: float | None  # over neurons active in some language
+    active_neurons: int
+    specific_per_language: list[int]  # language-specific neurons whose probability reaches the threshold there
+
+
+def neuron_summary(probability: torch.Tensor, entropy: torch.Tensor, specific: torch.Tensor,
+                   activation_threshold: float) -> NeuronSummary:
+    """What the neuron table reports of one model: mean LAPE, active neurons, and per language the
+    language-specific neurons that language owns (probability >= the threshold in it)."""
+    finite = entropy[~entropy.isnan()]
+    owners = (probability >= activation_threshold) & specific.unsqueeze(0)
+    return NeuronSummary(float(finite.mean()) if finite.numel() else None, int(finite.numel()),
+                         [int(owners[i].sum()) for i in range(owners.shape[0])])
+
+
+def lape_histogram(entropy: torch.Tensor, languages: int, bins: int) -> list[tuple[float, float, int]]:
+    """(low, high, neurons) of `bins` equal bins over [0, log languages], the range of LAPE; neurons
+    never active (NaN) are left out."""
+    top = math.log(languages)
+    edges = torch.linspace(0, top, bins + 1, dtype=torch.float64)
+    finite = entropy[~entropy.isnan()]
+    counts = torch.histc(finite.double().clamp(0, top), bins=bins, min=0, max=top) if finite.numel() else \
+        torch.zeros(bins)
+    return [(float(edges[b]), float(edges[b + 1]), int(counts[b])) for b in range(bins)]
 
 
 # -- latent subspaces -----------------------------------------------------------------------------------
@@ -63,6 +111,19 @@ def language_subspace(means: torch.Tensor, rank: int | None = None) -> torch.Ten
     _, singular, vt = torch.linalg.svd(centred, full_matrices=False)
     r = min(rank or means.shape[0] - 1, int((singular > singular.max() * 1e-10).sum()) if singular.numel() else 0)
     return vt[:r].T
+
+
+def subspace_snrs(dense_means: torch.Tensor, pruned_means: torch.Tensor,
+                  rank: int | None = None) -> list[tuple[int, int, float, float, int]]:
+    """(language index, layer, SNR specific dB, SNR agnostic dB, subspace rank) for every language and
+    layer of [languages, layers, hidden] hidden-state means, each layer's subspace from the dense means."""
+    out = []
+    for layer in range(dense_means.shape[1]):
+        basis = language_subspace(dense_means[:, layer], rank)
+        for i in range(dense_means.shape[0]):
+            specific, agnostic = subspace_snr(dense_means[i, layer], pruned_means[i, layer], basis)
+            out.append((i, layer, specific, agnostic, basis.shape[1]))
+    return out
 
 
 def subspace_snr(dense: torch.Tensor, pruned: torch.Tensor, basis: torch.Tensor) -> tuple[float, float]:

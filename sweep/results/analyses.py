@@ -16,7 +16,6 @@ Tables:
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -24,18 +23,19 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from engine.analyze.collect import load_statistics
 from engine.analyze.metrics import (
     activation_probability,
     iou,
     language_specific,
-    language_subspace,
     lape,
+    lape_histogram,
     neuron_changes,
+    neuron_summary,
     packed_iou,
-    subspace_snr,
+    quantile,
+    subspace_snrs,
 )
 from sweep.store.records import PlannedTrial, PlanRecord
 from sweep.store.study_store import StudyStore
@@ -145,14 +145,8 @@ def neuron_tables(trials: list[PlannedTrial], stats: dict, settings: AnalysisSet
     for model, dense_trial in dense_by_model.items():
         languages, dense = stats[dense_trial.key]
         p_dense = activation_probability(dense["active"], dense["tokens"])
-        flat = p_dense.flatten().float()
-        if flat.numel() > 2**24:  # torch.quantile's limit; a fixed strided subsample keeps the quantile
-            flat = flat[:: -(-flat.numel() // 2**24)]
-        threshold = float(torch.quantile(flat, settings.activation_quantile))
-        lape_dense = lape(p_dense)
-        specific_dense = language_specific(p_dense, lape_dense, settings.lape_quantile, threshold)
-        top = math.log(len(languages))
-        edges = torch.linspace(0, top, LAPE_BINS + 1, dtype=torch.float64)
+        threshold = quantile(p_dense, settings.activation_quantile)
+        specific_dense = language_specific(p_dense, lape(p_dense), settings.lape_quantile, threshold)
         for t in [dense_trial, *[t for t in trials if t.model == model and not t.dense and t.key in stats]]:
             t_languages, values = stats[t.key]
             if t_languages != languages or "active" not in values:
@@ -160,18 +154,12 @@ def neuron_tables(trials: list[PlannedTrial], stats: dict, settings: AnalysisSet
             p = activation_probability(values["active"], values["tokens"])
             entropy = lape(p)
             specific = language_specific(p, entropy, settings.lape_quantile, threshold)
-            change = neuron_changes(specific_dense, specific)
-            owners = (p >= threshold) & specific.unsqueeze(0)
-            finite = entropy[~entropy.isnan()]
-            neuron_rows.append({**_fields(t), **change, "threshold": threshold,
-                                "mean_lape": float(finite.mean()) if finite.numel() else None,
-                                "active_neurons": int(finite.numel()),
-                                **{f"specific_{lang}": int(owners[i].sum()) for i, lang in enumerate(languages)}})
-            counts = torch.histc(finite.clamp(0, top), bins=LAPE_BINS, min=0, max=top) if finite.numel() else \
-                torch.zeros(LAPE_BINS)
-            for b in range(LAPE_BINS):
-                hist_rows.append({**_fields(t), "bin_low": float(edges[b]), "bin_high": float(edges[b + 1]),
-                                  "neurons": int(counts[b])})
+            summary = neuron_summary(p, entropy, specific, threshold)
+            neuron_rows.append({**_fields(t), **neuron_changes(specific_dense, specific), "threshold": threshold,
+                                "mean_lape": summary.mean_lape, "active_neurons": summary.active_neurons,
+                                **{f"specific_{lang}": n for lang, n in zip(languages, summary.specific_per_language)}})
+            for low, high, neurons in lape_histogram(entropy, len(languages), LAPE_BINS):
+                hist_rows.append({**_fields(t), "bin_low": low, "bin_high": high, "neurons": neurons})
     return pl.DataFrame(neuron_rows, infer_schema_length=None), pl.DataFrame(hist_rows, infer_schema_length=None)
 
 
@@ -180,18 +168,14 @@ def snr_table(trials: list[PlannedTrial], stats: dict, settings: AnalysisSetting
     dense_by_model = {t.model: t for t in trials if t.dense and "hidden_mean" in stats.get(t.key, (0, {}))[1]}
     for model, dense_trial in dense_by_model.items():
         languages, dense = stats[dense_trial.key]
-        means = dense["hidden_mean"]  # [languages, layers, hidden]
-        bases = [language_subspace(means[:, layer], settings.subspace_rank) for layer in range(means.shape[1])]
         for t in trials:
             if (t.model != model or t.dense or t.key not in stats or stats[t.key][0] != languages
                     or "hidden_mean" not in stats[t.key][1]):
                 continue
-            pruned = stats[t.key][1]["hidden_mean"]
-            for i, target in enumerate(languages):
-                for layer, basis in enumerate(bases):
-                    specific, agnostic = subspace_snr(means[i, layer], pruned[i, layer], basis)
-                    rows.append({**_fields(t), "target": target, "layer": layer, "snr_specific_db": specific,
-                                 "snr_agnostic_db": agnostic, "rank": basis.shape[1]})
+            for i, layer, specific, agnostic, rank in subspace_snrs(dense["hidden_mean"], stats[t.key][1]["hidden_mean"],
+                                                                   settings.subspace_rank):
+                rows.append({**_fields(t), "target": languages[i], "layer": layer, "snr_specific_db": specific,
+                             "snr_agnostic_db": agnostic, "rank": rank})
     return pl.DataFrame(rows, infer_schema_length=None)
 
 

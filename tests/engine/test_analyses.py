@@ -13,9 +13,13 @@ from engine.analyze.metrics import (
     language_specific,
     language_subspace,
     lape,
+    lape_histogram,
     neuron_changes,
+    neuron_summary,
     packed_iou,
+    quantile,
     subspace_snr,
+    subspace_snrs,
 )
 
 
@@ -82,6 +86,44 @@ def tiny_llama():
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("q", [0.0, 0.01, 0.5, 0.95, 1.0])
+def test_quantile_is_torchs_below_its_limit_and_exact_above(q):
+    torch.manual_seed(0)
+    small = torch.rand(10_001)
+    assert quantile(small, q) == float(torch.quantile(small.double(), q))
+    # above torch.quantile's 2**24 elements: the same definition (numpy's default, linear), not a subsample
+    large = torch.rand(2**24 + 7, dtype=torch.float64)
+    assert quantile(large, q) == pytest.approx(float(np.quantile(large.numpy(), q)), abs=1e-15)
+    with pytest.raises(ValueError, match="no values"):
+        quantile(torch.tensor([]), q)
+
+
+def test_neuron_summary_and_lape_histogram_by_hand():
+    # 2 languages x 1 layer x 3 neurons: neuron 0 only in language 0, neuron 1 in both, neuron 2 never
+    probability = torch.tensor([[[0.8, 0.5, 0.0]], [[0.0, 0.5, 0.0]]], dtype=torch.float64)
+    entropy = lape(probability)
+    specific = torch.tensor([[True, False, False]])
+    summary = neuron_summary(probability, entropy, specific, activation_threshold=0.6)
+    assert summary.active_neurons == 2 and summary.mean_lape == pytest.approx(math.log(2) / 2)
+    assert summary.specific_per_language == [1, 0]
+    bins = lape_histogram(entropy, languages=2, bins=2)
+    assert [(low, high) for low, high, _ in bins] == [(0.0, pytest.approx(math.log(2) / 2)),
+                                                       (pytest.approx(math.log(2) / 2), pytest.approx(math.log(2)))]
+    assert [n for _, _, n in bins] == [1, 1]
+
+
+def test_subspace_snrs_cover_every_language_and_layer_with_the_dense_basis():
+    torch.manual_seed(1)
+    dense = torch.randn(3, 2, 8, dtype=torch.float64)
+    pruned = dense + 0.1 * torch.randn_like(dense)
+    rows = subspace_snrs(dense, pruned)
+    assert [(i, layer) for i, layer, *_ in rows] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    for i, layer, specific, agnostic, rank in rows:
+        basis = language_subspace(dense[:, layer])
+        assert rank == 2 == basis.shape[1]
+        assert (specific, agnostic) == subspace_snr(dense[i, layer], pruned[i, layer], basis)
 
 
 def test_collector_counts_real_tokens_and_ignores_padding(tmp_path):
