@@ -1,7 +1,6 @@
 """The language registry: ISO 639-1 code -> name, script and each source's or benchmark's own code.
 
-Issue 4 grows the benchmark columns; the study-file validator already relies on `get_language`,
-`closest_codes` and `LANGUAGES[code].mc4`.
+The study-file validator relies on `get_language`, `closest_codes` and `LANGUAGES[code].mc4`.
 """
 from __future__ import annotations
 
@@ -76,7 +75,6 @@ LANGUAGES: dict[str, Language] = {
     ]
 }
 
-REFERENCE_STUDY_LANGUAGES = ("ar", "de", "en", "es", "ru", "sw", "zh")
 
 
 class UnknownLanguageError(KeyError):

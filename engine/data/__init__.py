@@ -1,1 +1,1 @@
-"""Text for calibration and evaluation (issue 4 adds sampling, mixtures and caching)."""
+"""Text for calibration and evaluation: sources, calibration windows and mixtures, and their cache."""

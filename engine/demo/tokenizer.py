@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
@@ -66,10 +66,6 @@ def wrap(tokenizer: Tokenizer, config: TokenizerConfig) -> PreTrainedTokenizerFa
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     return [Path(p) for p in tokenizer.save_pretrained(str(directory))]
-
-
-def load_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
-    return AutoTokenizer.from_pretrained(str(directory))
 
 
 def tokenizer_info(tokenizer: PreTrainedTokenizerFast) -> dict:

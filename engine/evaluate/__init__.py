@@ -1,1 +1,1 @@
-"""Evaluation of a model in memory: perplexity per language (lm-eval tasks arrive with issue 4)."""
+"""Evaluation of a model in memory: perplexity and bits per byte per language, and lm-eval tasks."""

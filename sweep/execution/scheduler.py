@@ -120,7 +120,6 @@ class Scheduler:
         self._start_failures = 0
         self._stopping = False
         self.unschedulable: set[Shape] = set()
-        self.total = len(jobs)
 
     # -- state ---------------------------------------------------------------------------------
     def queued(self, shape: Shape | None = None) -> int:

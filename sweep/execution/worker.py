@@ -94,9 +94,6 @@ class ModelWorker:
         return {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "gpus": gpus,
                 "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "versions": library_versions()}
 
-    def holds(self) -> str | None:
-        return self.model_id
-
     def load(self, task: TrialTask, model_id: str) -> WorkerReply:
         """Makes this actor hold `model_id` (freeing the model it held first)."""
         started = time.perf_counter()

@@ -22,7 +22,6 @@ import polars as pl
 from sweep.store.records import PlanRecord
 from sweep.store.study_store import StudyStore
 
-TRIAL_COLUMNS = ["model", "pruner", "sparsity", "calibration", "seed"]
 CELL = ["target", "task", "metric"]
 GROUP = ["model", "pruner", "sparsity", "calibration"]
 # Metrics where lower is better; every other metric (accuracy and the like) is higher-is-better.

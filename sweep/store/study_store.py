@@ -28,7 +28,6 @@ from pathlib import Path
 from sweep.store.locations import Location, open_location
 from sweep.store.records import PlanRecord
 
-TERMINAL = ("finished", "failed")
 LEASE_S = 900.0  # a lock whose heartbeat is older than this, held from another host, is stale
 HEARTBEAT_S = 60.0
 SEGMENT_EVENTS = 200  # object storage: events per log segment (each append rewrites one segment)
@@ -281,11 +280,6 @@ class StudyStore:
     # -- artifacts ------------------------------------------------------------------------------
     def artifact_dir(self, key: str) -> Path | str:
         return self.ref(f"artifacts/{key}")
-
-    def write_artifact(self, key: str, name: str, data: bytes) -> Path | str:
-        rel = f"artifacts/{key}/{name}"
-        self.location.write_atomic(rel, data)
-        return self.ref(rel)
 
     # -- compaction -------------------------------------------------------------------------------
     def compact(self, current_keys: set[str] | None = None) -> Path | str:

@@ -79,13 +79,6 @@ def test_stale_lock_of_a_dead_driver_is_taken_over(tmp_path):
     store.release()
 
 
-def test_artifacts_are_written_whole(tmp_path):
-    store = StudyStore(tmp_path / "s")
-    path = store.write_artifact("v1-abc", "masks.safetensors", b"x" * 1000)
-    assert path.read_bytes() == b"x" * 1000
-    assert [p.name for p in path.parent.iterdir()] == ["masks.safetensors"]  # no temporary left
-
-
 def test_frozen_study_keeps_each_version(tmp_path):
     store = StudyStore(tmp_path / "s")
     first = store.freeze_study("name: a\n")
