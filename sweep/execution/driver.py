@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sweep.execution.ray_runtime import RayTarget, accelerator_warnings, node_count, start_ray, stop_ray, worker_env
@@ -18,7 +18,20 @@ from sweep.execution.worker import ModelWorker, TrialTask, library_versions
 from sweep.exit_codes import ExitCode
 from sweep.plan.fit import check_model_fit
 from sweep.results.progress import LiveProgress, Summary, estimate_eta, format_duration
-from sweep.store.records import PlannedTrial, PlanRecord, TrialFields
+from sweep.store.records import (
+    ActorLost,
+    Event,
+    PlannedTrial,
+    PlanRecord,
+    RunEnded,
+    RunStarted,
+    RunStopped,
+    TrialFailed,
+    TrialFields,
+    TrialFinished,
+    TrialStarted,
+    Unschedulable,
+)
 from sweep.store.study_store import StoreLocked, StudyStore
 from sweep.study.env import REPO_ROOT, apply_default_env
 from sweep.study.grid import Plan, TrialSpec, expand
@@ -216,36 +229,35 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
     versions = _driver_versions()
     revision = git_revision()
     by_key = {t.key: t for t in todo}
-    store.append({"event": "run_started", "study": study.name, "study_file": frozen, "trials": len(plan.trials),
-                  "to_run": len(todo), "finished_before": finished_before, "git": revision, "versions": versions,
-                  "address": options.address, "retries": execution.retries, "timeout_s": execution.trial_timeout_s})
+    store.append(RunStarted(study=study.name, study_file=frozen, trials=len(plan.trials), to_run=len(todo),
+                            finished_before=finished_before, git=revision, versions=versions, address=options.address,
+                            retries=execution.retries, timeout_s=execution.trial_timeout_s))
     progress = LiveProgress(out, enabled=options.progress)
     durations: list[float] = []
     counts = {"finished": 0, "failed": 0}
 
-    def emit(event: dict) -> None:
-        kind = event["event"]
-        trial = by_key.get(event.get("key"))
-        if kind == "finished":
-            result = event.pop("result") or {}
-            event.update(trial=trial_fields(trial).to_json(), spec=trial.payload(), metrics=result.get("metrics", []),
-                         pruning=result.get("pruning"), statistics=result.get("statistics_path"),
-                         saved_model=result.get("model_path"), hub_repo=result.get("hub_repo"),
-                         timings=result.get("timings"), git=revision)
-            durations.append(event.get("seconds") or 0.0)
+    def emit(event: Event) -> None:
+        if isinstance(event, TrialFinished):
+            result = event.result or {}
+            event = replace(event, result=None, trial=trial_fields(by_key[event.key]),
+                            spec=by_key[event.key].payload(), metrics=result.get("metrics", []),
+                            pruning=result.get("pruning"), statistics=result.get("statistics_path"),
+                            saved_model=result.get("model_path"), hub_repo=result.get("hub_repo"),
+                            timings=result.get("timings"), git=revision)
+            durations.append(event.seconds)
             counts["finished"] += 1
-            progress.log(f"  done    {event['name']}  ({event['seconds']:.1f} s, actor #{event['actor']}, attempt {event['attempt']})")
-        elif kind == "failed":
-            event.update(trial=trial_fields(trial).to_json(), git=revision)
-            verdict = "gave up" if event["final"] else "will retry"
-            counts["failed"] += event["final"]
-            progress.log(f"  failed  {event['name']}  attempt {event['attempt']} ({verdict}): {event['error']}")
-        elif kind == "unschedulable":
-            progress.log(f"  {event['error']}")
-        elif kind == "actor_lost":
-            progress.log(f"  worker #{event['actor']} on {event.get('host')} died: {event['error']}; its trial is re-queued")
-        elif kind == "started":
-            event.update(trial=trial_fields(trial).to_json())
+            progress.log(f"  done    {event.name}  ({event.seconds:.1f} s, actor #{event.actor}, attempt {event.attempt})")
+        elif isinstance(event, TrialFailed):
+            event = replace(event, trial=trial_fields(by_key[event.key]), git=revision)
+            verdict = "gave up" if event.final else "will retry"
+            counts["failed"] += event.final
+            progress.log(f"  failed  {event.name}  attempt {event.attempt} ({verdict}): {event.error}")
+        elif isinstance(event, Unschedulable):
+            progress.log(f"  {event.error}")
+        elif isinstance(event, ActorLost):
+            progress.log(f"  worker #{event.actor} on {event.host} died: {event.error}; its trial is re-queued")
+        elif isinstance(event, TrialStarted):
+            event = replace(event, trial=trial_fields(by_key[event.key]))
         store.append(event)
 
     actor_options = {"runtime_env": {"env_vars": worker_env()}}
@@ -280,7 +292,7 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
         counters = scheduler.run(on_tick=tick)
     except SchedulingError as problem:
         progress.close()
-        store.append({"event": "run_stopped", "reason": str(problem)})
+        store.append(RunStopped(reason=str(problem)))
         print(f"error: {problem}", file=err)
         return RunOutcome(ExitCode.FAILED_TRIALS, store=store.location.url)
     except OSError as problem:  # the study directory cannot be written (disk full, permissions, a lost mount)
@@ -294,10 +306,10 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
             signal.signal(number, handler)
     progress.close()
     elapsed = time.monotonic() - started
-    store.append({"event": "run_stopped" if interrupted["signal"] else "run_finished", "seconds": elapsed,
-                  "finished": counters.finished, "failed": counters.failed, "model_loads": counters.model_loads,
-                  "loads_by_model": counters.loads_by_model, "actors_started": counters.actors_started,
-                  "actors_lost": counters.actors_lost})
+    ended = RunStopped if interrupted["signal"] else RunEnded
+    store.append(ended(seconds=elapsed, finished=counters.finished, failed=counters.failed,
+                       model_loads=counters.model_loads, loads_by_model=dict(counters.loads_by_model),
+                       actors_started=counters.actors_started, actors_lost=counters.actors_lost))
     results = store.compact(current)
     print(f"ran {counters.finished} trial(s) in {format_duration(elapsed)}; {counters.failed} failed; "
           f"{counters.model_loads} model load(s) {counters.loads_by_model}; {counters.actors_lost} worker(s) lost",

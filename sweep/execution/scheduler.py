@@ -28,6 +28,20 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from sweep.store.records import (
+    ActorFailed,
+    ActorLost,
+    ActorReleased,
+    ActorStarted,
+    Event,
+    ModelLoaded,
+    TrialAbandoned,
+    TrialFailed,
+    TrialFinished,
+    TrialStarted,
+    Unschedulable,
+)
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -82,6 +96,7 @@ class _Slot:
     created: float = field(default_factory=time.monotonic)
 
     def describe(self) -> dict:
+        """Where this actor runs, as the fields of an OnActor event."""
         info = self.info or {}
         return {"actor": self.id, "node": info.get("node"), "host": info.get("host"), "gpus": info.get("gpus"),
                 "pid": info.get("pid")}
@@ -98,7 +113,7 @@ class Counters:
     loads_by_model: dict[str, int] = field(default_factory=dict)
 
 
-Emit = Callable[[dict], None]
+Emit = Callable[[Event], None]
 
 
 class Scheduler:
@@ -211,24 +226,23 @@ class Scheduler:
         except (RayActorError, RayTaskError) as err:
             self._start_failures += 1
             del self.slots[slot.id]
-            self.emit({"event": "actor_failed", "actor": slot.id, "error": _first_line(err)})
+            self.emit(ActorFailed(actor=slot.id, error=_first_line(err)))
             if self._start_failures > self.config.max_start_failures:
                 raise SchedulingError(f"{self._start_failures} worker actors died before running anything; "
                                       f"the last said: {_first_line(err)}") from err
             return
         self._start_failures = 0
-        self.emit({"event": "actor_started", **slot.describe(), "shape": slot.shape.describe(),
-                   "versions": slot.info.get("versions")})
+        self.emit(ActorStarted(**slot.describe(), shape=slot.shape.describe(), versions=slot.info.get("versions") or {}))
 
     def _release(self, slot: _Slot, why: str) -> None:
         ray.kill(slot.handle, no_restart=True)
         del self.slots[slot.id]
-        self.emit({"event": "actor_released", "actor": slot.id, "why": why, "model": slot.model})
+        self.emit(ActorReleased(actor=slot.id, why=why, model=slot.model))
 
     def _release_all(self) -> None:
         for slot in list(self.slots.values()):
             if slot.job is not None:
-                self.emit({"event": "abandoned", "key": slot.job.key, "name": slot.job.name, **slot.describe()})
+                self.emit(TrialAbandoned(key=slot.job.key, name=slot.job.name, **slot.describe()))
             ray.kill(slot.handle, no_restart=True)
         self.slots.clear()
 
@@ -245,8 +259,8 @@ class Scheduler:
             job = self.queues[model].popleft()
             job.attempts += 1
             slot.job, slot.since = job, time.monotonic()
-            self.emit({"event": "started", "key": job.key, "name": job.name, "model": job.model,
-                       "attempt": job.earlier_attempts + job.attempts, **slot.describe()})
+            self.emit(TrialStarted(key=job.key, name=job.name, model=job.model,
+                                   attempt=job.earlier_attempts + job.attempts, **slot.describe()))
             if slot.model != job.model:
                 # Loading first, as its own call: a 70B load can take longer than a trial's timeout.
                 slot.loading = True
@@ -280,7 +294,7 @@ class Scheduler:
         except RayActorError as err:
             self.counters.actors_lost += 1
             del self.slots[slot.id]
-            self.emit({"event": "actor_lost", **where, "model": slot.model, "error": _first_line(err)})
+            self.emit(ActorLost(**where, model=slot.model, error=_first_line(err)))
             self._attempt_failed(job, where, f"worker died while running it: {_first_line(err)}", "", seconds)
             return
         except RayTaskError as err:
@@ -292,8 +306,7 @@ class Scheduler:
         slot.model = reply.model
         if loading:
             if reply.ok:
-                self.emit({"event": "model_loaded", "model": job.model, "seconds": seconds, **where,
-                           "load": reply.load})
+                self.emit(ModelLoaded(model=job.model, seconds=seconds, **where, load=reply.load))
                 slot.job = job
                 self._run_on(slot)
             else:
@@ -304,10 +317,10 @@ class Scheduler:
             return
         if reply.ok:
             self.counters.finished += 1
-            self.emit({"event": "finished", "key": job.key, "name": job.name, "model": job.model,
-                       "attempt": job.earlier_attempts + job.attempts, "seconds": seconds, **where,
-                       "result": reply.result, "load": reply.load, "worker_seconds": reply.seconds,
-                       "versions": (slot.info or {}).get("versions")})
+            self.emit(TrialFinished(key=job.key, name=job.name, model=job.model,
+                                    attempt=job.earlier_attempts + job.attempts, seconds=seconds, **where,
+                                    result=reply.result, load=reply.load, worker_seconds=reply.seconds,
+                                    versions=(slot.info or {}).get("versions")))
         else:
             self._attempt_failed(job, where, reply.error or "unknown error", reply.traceback, seconds,
                                  reply.retryable)
@@ -320,9 +333,9 @@ class Scheduler:
             self.counters.failed += 1
         else:
             self.queues[job.model].append(job)
-        self.emit({"event": "failed", "key": job.key, "name": job.name, "model": job.model,
-                   "attempt": job.earlier_attempts + job.attempts, "final": final, "error": error,
-                   "traceback": traceback, "seconds": seconds, **where})
+        self.emit(TrialFailed(key=job.key, name=job.name, model=job.model,
+                              attempt=job.earlier_attempts + job.attempts, final=final, error=error,
+                              traceback=traceback, seconds=seconds, **where))
 
     def _check_placement(self) -> None:
         limit = self.config.placement_timeout_s
@@ -339,7 +352,7 @@ class Scheduler:
                 del self.slots[other.id]
             why = (f"unschedulable: no live node can hold an actor of {shape.describe()} ({largest_node(shape)}); "
                    f"waited {limit:g} s for one. Lower the model's gpus, or add nodes that large.")
-            self.emit({"event": "unschedulable", "shape": shape.describe(), "error": why})
+            self.emit(Unschedulable(shape=shape.describe(), error=why))
             self._give_up_queued([m for m in self.queues if self.shapes[m] == shape], why)
 
     def _give_up_queued(self, models: list[str], why: str) -> None:
@@ -350,9 +363,8 @@ class Scheduler:
                 job = queue.popleft()
                 job.attempts += 1
                 self.counters.failed += 1
-                self.emit({"event": "failed", "key": job.key, "name": job.name, "model": job.model,
-                           "attempt": job.earlier_attempts + job.attempts, "final": True, "error": why,
-                           "traceback": "", "seconds": 0.0})
+                self.emit(TrialFailed(key=job.key, name=job.name, model=job.model,
+                                      attempt=job.earlier_attempts + job.attempts, final=True, error=why))
 
     def _check_timeouts(self) -> None:
         self._check_placement()
@@ -365,7 +377,7 @@ class Scheduler:
                 job, where = slot.job, slot.describe()
                 ray.kill(slot.handle, no_restart=True)
                 del self.slots[slot.id]
-                self.emit({"event": "actor_released", "actor": slot.id, "why": "trial timed out", "model": slot.model})
+                self.emit(ActorReleased(actor=slot.id, why="trial timed out", model=slot.model))
                 self._attempt_failed(job, where, f"timed out after {limit:g} s; its worker was killed", "", now - slot.since)
 
 

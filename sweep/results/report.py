@@ -14,7 +14,7 @@ import polars as pl
 from sweep.results.figures import heatmap_png
 from sweep.results.reduce import StudyTables, calibration_matrix, load_tables, lower_is_better
 from sweep.results.run_stats import RunStats, run_stats
-from sweep.store.records import PlanRecord
+from sweep.store.records import Event, PlanRecord, RunStarted, TrialFailed
 from sweep.store.study_store import StudyStore
 
 PERPLEXITY_METRICS = ("bits_per_byte", "token_perplexity")
@@ -156,11 +156,11 @@ def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: S
     return sections
 
 
-def _latest_study_text(store: StudyStore, events: list[dict]) -> str:
-    runs = [e for e in events if e.get("event") == "run_started" and e.get("study_file")]
+def _latest_study_text(store: StudyStore, events: list[Event]) -> str:
+    runs = [e for e in events if isinstance(e, RunStarted) and e.study_file]
     candidates = []
     if runs:
-        candidates.append(str(runs[-1]["study_file"]).rsplit("/", 1)[-1])
+        candidates.append(str(runs[-1].study_file).rsplit("/", 1)[-1])
     candidates.append("study.yaml")
     for name in candidates:
         raw = store.location.read_bytes(name)
@@ -266,7 +266,7 @@ def table_html(frame: pl.DataFrame, limit: int | None = None) -> str:
 
 
 def render(plan: PlanRecord, tables: StudyTables, stats: RunStats, heatmaps: list[Heatmap], study_text: str,
-           events: list[dict], extra_sections: list[str]) -> str:
+           events: list[Event], extra_sections: list[str]) -> str:
     total = len(plan.trials)
     finished_keys = set(tables.tidy.filter(pl.col("finished"))["key"].unique().to_list())
     failed = _failed_trials(events, finished_keys)
@@ -370,9 +370,9 @@ def _in_plan_order(frame: pl.DataFrame, tables: StudyTables) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=frame.schema) if rows else frame
 
 
-def _failed_trials(events: list[dict], finished: set[str]) -> dict[str, str]:
+def _failed_trials(events: list[Event], finished: set[str]) -> dict[str, str]:
     out = {}
     for event in events:
-        if event.get("event") == "failed" and event.get("final") and event.get("key") not in finished:
-            out[event["key"]] = f"failed: {str(event.get('error') or '')[:200]}"
+        if isinstance(event, TrialFailed) and event.final and event.key not in finished:
+            out[event.key] = f"failed: {str(event.error or '')[:200]}"
     return out

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sweep.store.records import (
+    ActorLost,
+    ActorStarted,
+    Event,
+    ModelLoaded,
+    RunStarted,
+    TrialFailed,
+    TrialFinished,
+    TrialStarted,
+)
+
 
 @dataclass
 class RunStats:
@@ -23,40 +34,37 @@ class RunStats:
     errors: dict[str, int] = field(default_factory=dict)  # first line of an error -> attempts
 
 
-def run_stats(events: list[dict], current_keys: set[str] | None = None) -> RunStats:
+def run_stats(events: list[Event], current_keys: set[str] | None = None) -> RunStats:
     stats = RunStats()
     finished, gave_up = set(), set()
     for event in events:
-        kind = event.get("event")
-        if kind == "run_started":
+        if isinstance(event, RunStarted):
             stats.driver_runs += 1
-            stats.driver_versions = event.get("versions") or {}
-            if event.get("git") and event["git"] not in stats.git:
-                stats.git.append(event["git"])
-        elif kind == "actor_started":
-            versions = event.get("versions") or {}
-            if versions and versions not in stats.worker_versions:
-                stats.worker_versions.append(versions)
-        elif kind == "started":
+            stats.driver_versions = event.versions or {}
+            if event.git and event.git not in stats.git:
+                stats.git.append(event.git)
+        elif isinstance(event, ActorStarted):
+            if event.versions and event.versions not in stats.worker_versions:
+                stats.worker_versions.append(event.versions)
+        elif isinstance(event, TrialStarted):
             stats.attempts += 1
-        elif kind == "model_loaded":
+        elif isinstance(event, ModelLoaded):
             stats.model_loads += 1
-            stats.load_hours += float(event.get("seconds") or 0) / 3600
-        elif kind in ("finished", "failed"):
-            hours = float(event.get("seconds") or 0) / 3600
+            stats.load_hours += float(event.seconds or 0) / 3600
+        elif isinstance(event, (TrialFinished, TrialFailed)):
+            hours = float(event.seconds or 0) / 3600
             stats.worker_hours += hours
-            stats.gpu_hours += hours * len(event.get("gpus") or [])
-            key = event.get("key")
-            if kind == "finished":
-                finished.add(key)
-                gave_up.discard(key)
+            stats.gpu_hours += hours * len(event.gpus or [])
+            if isinstance(event, TrialFinished):
+                finished.add(event.key)
+                gave_up.discard(event.key)
             else:
                 stats.attempts_failed += 1
-                error = str(event.get("error") or "unknown").splitlines()[0][:200]
+                error = str(event.error or "unknown").splitlines()[0][:200]
                 stats.errors[error] = stats.errors.get(error, 0) + 1
-                if event.get("final") and key not in finished:
-                    gave_up.add(key)
-        elif kind == "actor_lost":
+                if event.final and event.key not in finished:
+                    gave_up.add(event.key)
+        elif isinstance(event, ActorLost):
             stats.workers_lost += 1
     if current_keys is not None:
         finished &= current_keys
@@ -68,18 +76,16 @@ def run_stats(events: list[dict], current_keys: set[str] | None = None) -> RunSt
 STAGES = ("calibration", "pruning", "perplexity", "tasks", "save_model", "restore")
 
 
-def stage_medians(events: list[dict]) -> dict[str, dict[str, tuple[float, int]]]:
+def stage_medians(events: list[Event]) -> dict[str, dict[str, tuple[float, int]]]:
     """Per model and trial kind ("<model> dense" or "<model> <method>"): the median seconds of each stage
     of a finished trial (engine.trial timings), with how many trials it is over."""
     samples: dict[str, dict[str, list[float]]] = {}
     for event in events:
-        if event.get("event") != "finished":
+        if not isinstance(event, TrialFinished) or not isinstance(event.timings, dict) or not event.timings:
             continue
-        timings = event.get("timings") if isinstance(event.get("timings"), dict) else {}
-        if not timings:
-            continue
-        method = (event.get("pruning") or {}).get("method") or "dense"
-        group = samples.setdefault(f"{event.get('model')} {method}", {})
+        timings = event.timings
+        method = (event.pruning or {}).get("method") or "dense"
+        group = samples.setdefault(f"{event.model or None} {method}", {})
         for stage, seconds in timings.items():
             if isinstance(seconds, (int, float)):
                 group.setdefault(stage, []).append(float(seconds))

@@ -6,33 +6,42 @@ import time
 
 from sweep.results.progress import Summary, estimate_eta, format_duration, format_summary
 from sweep.results.run_stats import stage_medians
-from sweep.store.records import PlanRecord
+from sweep.store.records import (
+    ActorLost,
+    ActorReleased,
+    Event,
+    PlanRecord,
+    RunStarted,
+    TrialAbandoned,
+    TrialFailed,
+    TrialFinished,
+    TrialStarted,
+)
 from sweep.store.study_store import StudyStore, study_state
 
 
-def summarize(plan: PlanRecord | None, events: list[dict], driver_alive: bool) -> tuple[Summary, dict]:
+def summarize(plan: PlanRecord | None, events: list[Event], driver_alive: bool) -> tuple[Summary, dict]:
     """The summary of the latest plan, from events; `extra` holds the latest run's facts."""
     store_state = study_state(events)
     keys = [t.key for t in plan.trials] if plan is not None else []
-    runs = [e for e in events if e.get("event") == "run_started"]
-    latest = runs[-1]["run"] if runs else None
-    live = [e for e in events if e.get("run") == latest] if latest else []
-    running: dict[str, dict] = {}
+    runs = [e for e in events if isinstance(e, RunStarted)]
+    latest = runs[-1].run if runs else None
+    live = [e for e in events if e.run == latest] if latest else []
+    running: dict[str, TrialStarted] = {}
     actors: dict[int, dict] = {}
     durations = []
     for event in live:
-        kind, key = event.get("event"), event.get("key")
-        if kind == "started":
-            running[key] = event
-            actors[event["actor"]] = {"actor": event["actor"], "model": event.get("model"), "busy": True}
-        elif kind in ("finished", "failed", "abandoned"):
-            running.pop(key, None)
-            if event.get("actor") in actors:
-                actors[event["actor"]]["busy"] = False
-            if kind == "finished":
-                durations.append(float(event.get("seconds") or 0))
-        elif kind in ("actor_released", "actor_lost"):
-            actors.pop(event.get("actor"), None)
+        if isinstance(event, TrialStarted):
+            running[event.key] = event
+            actors[event.actor] = {"actor": event.actor, "model": event.model or None, "busy": True}
+        elif isinstance(event, (TrialFinished, TrialFailed, TrialAbandoned)):
+            running.pop(event.key, None)
+            if event.actor in actors:
+                actors[event.actor]["busy"] = False
+            if isinstance(event, TrialFinished):
+                durations.append(event.seconds)
+        elif isinstance(event, (ActorReleased, ActorLost)):
+            actors.pop(event.actor, None)
     if not driver_alive:
         running, actors = {}, {}
     done = sum(1 for k in keys if store_state.is_done(k))
@@ -74,15 +83,15 @@ def print_status(directory: str, show_failures: bool = False, out=sys.stdout, er
             parts = ", ".join(f"{stage} {seconds:.1f}" for stage, (seconds, _) in stages.items())
             print(f"    {group} ({count}): {parts}", file=out)
     for event in extra["running"].values():
-        print(f"  running {event.get('name')}  attempt {event.get('attempt')} on actor #{event.get('actor')} "
-              f"({event.get('host')}) for {format_duration(time.time() - event.get('time', time.time()))}", file=out)
+        print(f"  running {event.name}  attempt {event.attempt} on actor #{event.actor} "
+              f"({event.host}) for {format_duration(time.time() - (event.time or time.time()))}", file=out)
     names = {t.key: t.name for t in plan.trials}
     for key in extra["failed_keys"]:
         event = extra["state"].failed[key]
-        verdict = "gave up" if event.get("final", True) else "retrying"
-        print(f"  failed  {names.get(key, key)}  attempt {event.get('attempt')} ({verdict}): {event.get('error')}", file=out)
-        if show_failures and event.get("traceback"):
-            print("    " + event["traceback"].rstrip().replace("\n", "\n    "), file=out)
+        verdict = "gave up" if event.final else "retrying"
+        print(f"  failed  {names.get(key, key)}  attempt {event.attempt} ({verdict}): {event.error}", file=out)
+        if show_failures and event.traceback:
+            print("    " + event.traceback.rstrip().replace("\n", "\n    "), file=out)
     for name in reading.cut_off:
         print(f"  note: {name} ends in a cut-off line (a driver killed mid-write); that event is ignored", file=out)
     for where in reading.unreadable:

@@ -22,11 +22,19 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sweep.store.locations import Location, open_location
-from sweep.store.records import PlanRecord
+from sweep.store.records import (
+    Event,
+    PlanRecord,
+    TrialFailed,
+    TrialFields,
+    TrialFinished,
+    TrialStarted,
+    parse_event,
+)
 
 LEASE_S = 900.0  # a lock whose heartbeat is older than this, held from another host, is stale
 HEARTBEAT_S = 60.0
@@ -49,15 +57,15 @@ def injected_disk_full(appended: int) -> bool:
 
 @dataclass
 class LogReading:
-    events: list[dict]
+    events: list[Event]
     cut_off: list[str] = field(default_factory=list)  # log files whose last line was incomplete
     unreadable: list[str] = field(default_factory=list)  # "file:line" of lines that were not JSON objects
 
 
 @dataclass
 class StudyState:
-    finished: dict[str, dict]  # key -> its (latest) finished event
-    failed: dict[str, dict]  # key -> latest failed event, for keys not finished
+    finished: dict[str, TrialFinished]  # key -> its (latest) finished event
+    failed: dict[str, TrialFailed]  # key -> latest failed event, for keys not finished
     attempts: dict[str, int]  # key -> started events seen
 
     def is_done(self, key: str) -> bool:
@@ -65,7 +73,7 @@ class StudyState:
 
     def gave_up(self, key: str) -> bool:
         """Failed with its retries used up (and not finished since)."""
-        return key in self.failed and bool(self.failed[key].get("final", True))
+        return key in self.failed and self.failed[key].final
 
 
 def _pid_alive(pid: int) -> bool:
@@ -78,23 +86,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def study_state(events: Iterable[dict]) -> StudyState:
+def study_state(events: Iterable[Event]) -> StudyState:
     """Which trials finished, which failed last (and not finished since), how often each started."""
-    finished: dict[str, dict] = {}
-    failed: dict[str, dict] = {}
+    finished: dict[str, TrialFinished] = {}
+    failed: dict[str, TrialFailed] = {}
     attempts: dict[str, int] = {}
     for event in events:
-        key = event.get("key")
-        if key is None:
-            continue
-        kind = event.get("event")
-        if kind == "started":
-            attempts[key] = attempts.get(key, 0) + 1
-        elif kind == "finished":
-            finished[key] = event
-            failed.pop(key, None)
-        elif kind == "failed" and key not in finished:
-            failed[key] = event
+        if isinstance(event, TrialStarted) and event.key:
+            attempts[event.key] = attempts.get(event.key, 0) + 1
+        elif isinstance(event, TrialFinished) and event.key:
+            finished[event.key] = event
+            failed.pop(event.key, None)
+        elif isinstance(event, TrialFailed) and event.key and event.key not in finished:
+            failed[event.key] = event
     return StudyState(finished=finished, failed=failed, attempts=attempts)
 
 
@@ -224,11 +228,12 @@ class StudyStore:
         return PlanRecord.from_json(json.loads(raw)) if raw is not None else None
 
     # -- events --------------------------------------------------------------------------------
-    def append(self, event: dict) -> None:
+    def append(self, event: Event) -> None:
         """Appends one event to this driver run's log, durably. Only the lock holder calls this."""
         if self.run_id is None:
             self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        line = json.dumps({"time": time.time(), "run": self.run_id, **event}, allow_nan=False, default=str)
+        stamped = replace(event, time=time.time(), run=self.run_id)
+        line = json.dumps(stamped.to_json(), allow_nan=False, default=str)
         if self.location.is_local:
             if self._log is None:
                 folder = self.location.local_path("events")
@@ -268,13 +273,13 @@ class StudyStore:
                     reading.unreadable.append(f"{name}:{number}")
                     continue
                 if isinstance(event, dict):
-                    reading.events.append(event)
+                    reading.events.append(parse_event(event))
                 else:
                     reading.unreadable.append(f"{name}:{number}")
-        reading.events.sort(key=lambda e: e.get("time", 0))
+        reading.events.sort(key=lambda e: e.time)
         return reading
 
-    def state(self, events: Iterable[dict] | None = None) -> StudyState:
+    def state(self, events: Iterable[Event] | None = None) -> StudyState:
         return study_state(self.read_events().events if events is None else events)
 
     # -- artifacts ------------------------------------------------------------------------------
@@ -290,13 +295,13 @@ class StudyStore:
 
         rows = []
         for key, event in sorted(self.state().finished.items()):
-            trial = event.get("trial") or {}
-            for metric in event.get("metrics", []):
+            trial = event.trial or TrialFields(model="", pruner="", sparsity="", calibration=None, seed=None, dense=False)
+            for metric in event.metrics:
                 value = metric.get("value")
                 rows.append({
-                    "key": key, "name": event.get("name"), "run": event.get("run"),
-                    "model": trial.get("model"), "pruner": trial.get("pruner"), "sparsity": trial.get("sparsity"),
-                    "calibration": trial.get("calibration"), "seed": trial.get("seed"),
+                    "key": key, "name": event.name or None, "run": event.run or None,
+                    "model": trial.model or None, "pruner": trial.pruner or None, "sparsity": trial.sparsity or None,
+                    "calibration": trial.calibration, "seed": trial.seed,
                     "language": metric.get("language"), "task": metric.get("task"), "metric": metric.get("metric"),
                     "value": float(value) if isinstance(value, (int, float)) else None,
                     "current": current_keys is None or key in current_keys,

@@ -241,7 +241,7 @@ def planned(head: Head, study: Path) -> dict[str, str]:
 
 
 def events(out: Path) -> list[dict]:
-    return StudyStore(out).read_events().events if (out / "events").is_dir() else []
+    return [e.to_json() for e in StudyStore(out).read_events().events] if (out / "events").is_dir() else []
 
 
 def finished_and_failed(out: Path) -> tuple[set[str], set[str]]:

@@ -16,7 +16,7 @@ from sweep.results.progress import LiveProgress, Summary, estimate_eta, format_d
 from sweep.results.status import summarize
 from sweep.store import study_store as store_module
 from sweep.store.locations import FsspecLocation, LocalLocation, open_location
-from sweep.store.records import PlanRecord
+from sweep.store.records import PlanRecord, parse_event
 from sweep.store.study_store import StoreLocked, StudyStore
 
 CPU = Shape(gpus=0, cpus=1)
@@ -112,13 +112,13 @@ def test_object_store_log_rolls_over_segments_and_reads_back(monkeypatch, tmp_pa
     url = f"memory://sweep-tests/{tmp_path.name}/study"
     with StudyStore(url) as store:
         for i in range(7):
-            store.append({"event": "finished", "key": f"k{i}", "name": f"t{i}",
+            store.append(parse_event({"event": "finished", "key": f"k{i}", "name": f"t{i}",
                           "trial": {"model": "m", "pruner": "wanda", "sparsity": "0.5", "calibration": "en", "seed": 0},
-                          "metrics": [{"language": "en", "task": "perplexity", "metric": "bits_per_byte", "value": i}]})
+                          "metrics": [{"language": "en", "task": "perplexity", "metric": "bits_per_byte", "value": i}]}))
         segments = store.location.list("events", ".jsonl")
         assert len(segments) == 3 and segments[0].endswith("-00000.jsonl")
     reading = StudyStore(url).read_events()
-    assert [e["key"] for e in reading.events] == [f"k{i}" for i in range(7)] and not reading.cut_off
+    assert [e.key for e in reading.events] == [f"k{i}" for i in range(7)] and not reading.cut_off
     StudyStore(url).compact()
     frame = pl.read_parquet(io.BytesIO(StudyStore(url).location.read_bytes("results.parquet")))
     assert frame["value"].to_list() == [float(i) for i in range(7)]
@@ -154,7 +154,7 @@ def test_a_fresh_heartbeat_from_another_host_is_respected(tmp_path):
 # -- status and progress -----------------------------------------------------------------------------
 
 def _event(kind, key=None, run="r2", **fields):
-    return {"event": kind, "key": key, "run": run, "time": time.time(), **fields}
+    return parse_event({"event": kind, "key": key, "run": run, "time": time.time(), **fields})
 
 
 def test_status_summary_of_a_running_study():

@@ -54,7 +54,8 @@ def spawn_sweep(*args: str, env: dict | None = None, log: Path) -> subprocess.Po
 
 
 def events(directory: Path | str) -> list[dict]:
-    return StudyStore(directory).read_events().events
+    """The study's events as their JSON objects (read through the typed records)."""
+    return [e.to_json() for e in StudyStore(directory).read_events().events]
 
 
 def of_kind(evs: list[dict], kind: str, run: str | None = None) -> list[dict]:

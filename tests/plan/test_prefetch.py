@@ -299,7 +299,7 @@ def test_sweep_runs_offline_after_prefetch_with_the_dataset_gone(assets, tmp_pat
     assert "warning: --offline" not in ran.stderr  # the model is in the cache
     from sweep.store.study_store import StudyStore
 
-    events = StudyStore(tmp_path / "runs" / "hubby").read_events().events
+    events = [e.to_json() for e in StudyStore(tmp_path / "runs" / "hubby").read_events().events]
     finished = [e for e in events if e.get("event") == "finished"]
     assert len(finished) == 4  # dense + magnitude + wanda x {en, de}
     assert not [e for e in events if e.get("event") == "failed"]

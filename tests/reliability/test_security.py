@@ -142,7 +142,7 @@ def small_run(tmp_path_factory):
 def events(directory: Path) -> list[dict]:
     from sweep.store.study_store import StudyStore
 
-    return StudyStore(directory).read_events().events
+    return [e.to_json() for e in StudyStore(directory).read_events().events]
 
 
 @pytest.mark.slow

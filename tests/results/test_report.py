@@ -12,7 +12,7 @@ import pytest
 
 from sweep.cli.main import main
 from sweep.results.report import build_report
-from sweep.store.records import PlanRecord
+from sweep.store.records import PlanRecord, parse_event
 from sweep.store.study_store import StudyStore
 
 
@@ -46,21 +46,21 @@ def study_dir(tmp_path) -> Path:
     with StudyStore(root) as store:
         store.freeze_study("name: synthetic\n")
         store.write_plan(PlanRecord.from_json({"study": "synthetic", "languages": ["en", "de"], "trials": TRIALS}))
-        store.append({"event": "run_started", "study_file": str(root / "study.yaml"), "git": "abc123",
-                      "versions": {"python": "3.11.7", "torch": "2.13.0"}})
-        store.append({"event": "actor_started", "actor": 1, "versions": {"torch": "2.13.0", "ray": "2.60.0"}})
-        store.append({"event": "model_loaded", "model": "m", "seconds": 36.0, "actor": 1, "gpus": ["0"]})
+        store.append(parse_event({"event": "run_started", "study_file": str(root / "study.yaml"), "git": "abc123",
+                      "versions": {"python": "3.11.7", "torch": "2.13.0"}}))
+        store.append(parse_event({"event": "actor_started", "actor": 1, "versions": {"torch": "2.13.0", "ray": "2.60.0"}}))
+        store.append(parse_event({"event": "model_loaded", "model": "m", "seconds": 36.0, "actor": 1, "gpus": ["0"]}))
         for t in TRIALS:
             if t["key"] in VALUES:
-                store.append({"event": "started", "key": t["key"], "attempt": 1, "actor": 1})
-                store.append({"event": "finished", "key": t["key"], "name": t["name"], "seconds": 360.0, "gpus": ["0"],
+                store.append(parse_event({"event": "started", "key": t["key"], "attempt": 1, "actor": 1}))
+                store.append(parse_event({"event": "finished", "key": t["key"], "name": t["name"], "seconds": 360.0, "gpus": ["0"],
                               "trial": {k: t[k] for k in ("model", "pruner", "sparsity", "calibration", "seed")},
-                              "metrics": metrics(VALUES[t["key"]])})
+                              "metrics": metrics(VALUES[t["key"]])}))
         for attempt in (1, 2):
-            store.append({"event": "started", "key": "se0", "attempt": attempt, "actor": 1})
-            store.append({"event": "failed", "key": "se0", "name": "m.sparsegpt.en.0", "attempt": attempt,
-                          "final": attempt == 2, "error": "RuntimeError: boom", "seconds": 36.0, "gpus": ["0"]})
-        store.append({"event": "run_finished", "model_loads": 1})
+            store.append(parse_event({"event": "started", "key": "se0", "attempt": attempt, "actor": 1}))
+            store.append(parse_event({"event": "failed", "key": "se0", "name": "m.sparsegpt.en.0", "attempt": attempt,
+                          "final": attempt == 2, "error": "RuntimeError: boom", "seconds": 36.0, "gpus": ["0"]}))
+        store.append(parse_event({"event": "run_finished", "model_loads": 1}))
     StudyStore(root).compact({t["key"] for t in TRIALS})
     return root
 

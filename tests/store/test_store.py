@@ -9,24 +9,25 @@ import sys
 import polars as pl
 import pytest
 
+from sweep.store.records import parse_event
 from sweep.store.study_store import StoreLocked, StudyStore
 from tests.conftest import REPO
 
 
 def finished(key, value, name=None):
-    return {"event": "finished", "key": key, "name": name or key,
-            "metrics": [{"language": "en", "task": "perplexity", "metric": "bits_per_byte", "value": value}]}
+    return parse_event({"event": "finished", "key": key, "name": name or key,
+                        "metrics": [{"language": "en", "task": "perplexity", "metric": "bits_per_byte", "value": value}]})
 
 
 def test_events_state_and_compaction(tmp_path):
     with StudyStore(tmp_path / "s") as store:
-        store.append({"event": "started", "key": "a", "attempt": 1})
-        store.append({"event": "failed", "key": "a", "attempt": 1, "error": "boom"})
-        store.append({"event": "started", "key": "a", "attempt": 2})
+        store.append(parse_event({"event": "started", "key": "a", "attempt": 1}))
+        store.append(parse_event({"event": "failed", "key": "a", "attempt": 1, "error": "boom"}))
+        store.append(parse_event({"event": "started", "key": "a", "attempt": 2}))
         store.append(finished("a", 2.5))
-        store.append({"event": "started", "key": "b", "attempt": 1})
-        store.append({"event": "failed", "key": "b", "attempt": 1, "error": "nan"})
-        store.append({"event": "started", "key": "c", "attempt": 1})  # the driver died here
+        store.append(parse_event({"event": "started", "key": "b", "attempt": 1}))
+        store.append(parse_event({"event": "failed", "key": "b", "attempt": 1, "error": "nan"}))
+        store.append(parse_event({"event": "started", "key": "c", "attempt": 1}))  # the driver died here
     state = StudyStore(tmp_path / "s").state()
     assert set(state.finished) == {"a"} and set(state.failed) == {"b"} and state.attempts == {"a": 2, "b": 1, "c": 1}
     frame = pl.read_parquet(StudyStore(tmp_path / "s").compact())
@@ -53,7 +54,7 @@ def test_cut_off_last_line_is_tolerated_and_reported(tmp_path):
     log.write_bytes(data[: len(data) - 15])  # killed mid-write of the second event
     reading = StudyStore(tmp_path / "s").read_events()
     assert reading.cut_off == [log.name]
-    assert [e["key"] for e in reading.events] == ["a"]
+    assert [e.key for e in reading.events] == ["a"]
 
 
 def test_second_driver_refuses(tmp_path):
@@ -68,8 +69,8 @@ def test_second_driver_refuses(tmp_path):
 
 
 def test_stale_lock_of_a_dead_driver_is_taken_over(tmp_path):
-    code = ("import sys; from sweep.store.study_store import StudyStore; s = StudyStore(sys.argv[1]); s.acquire(); "
-            "s.append({'event': 'started', 'key': 'x'}); import os; os._exit(0)")  # dies holding the lock
+    code = ("import sys; from sweep.store.records import parse_event; from sweep.store.study_store import StudyStore; s = StudyStore(sys.argv[1]); s.acquire(); "
+            "s.append(parse_event({'event': 'started', 'key': 'x'})); import os; os._exit(0)")  # dies holding the lock
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], check=True, cwd=REPO)
     holder = json.loads((tmp_path / "s" / "driver.lock").read_text())
     assert holder["pid"] != os.getpid()

@@ -17,6 +17,7 @@ import pytest
 from sweep.execution.driver import RunOptions, run_study
 from sweep.results.report import build_report
 from sweep.results.status import print_status
+from sweep.store.records import UnknownEvent
 from sweep.store.study_store import StudyStore
 from sweep.study.grid import expand
 from sweep.study.load import load_study
@@ -38,6 +39,7 @@ def test_old_records_read_as_they_were_written(old_study):
     plan = store.read_plan()
     reading = store.read_events()
     assert not reading.cut_off and not reading.unreadable
+    assert not [e for e in reading.events if isinstance(e, UnknownEvent)]  # every kind written then is known
     state = store.state(reading.events)
     assert {t.name for t in plan.trials} == OLD_NAMES
     assert all(state.is_done(t.key) for t in plan.trials)
