@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-tiny study-gemma test test-fast venv assets corpus real-models handbook browser clean-assets lint
+.PHONY: demo demo-tiny study-gemma test test-fast venv assets corpus real-models handbook browser clean-assets lint docs
 
 venv: $(STAMP)
 
@@ -59,6 +59,10 @@ test: venv handbook browser lint
 # ruff's rules are in pyproject.toml; the import rules are tests/test_architecture.py.
 lint: venv
 	$(VENV)/bin/ruff check .
+
+# The study-file key reference in docs/study-files.md, regenerated from the schema.
+docs: venv
+	$(PY) -m sweep.study.reference --write
 
 # Skips the tests marked slow (asset builds, model training, the real models): for quick local iteration only.
 test-fast: venv lint

@@ -23,16 +23,21 @@ class ModelSpec(Strict):
     """A causal LM, by hub id (`hub`) or local directory (`path`, relative to the study file)."""
 
     name: StrictStr | None = Field(None, description="short label used in trial names; derived if absent")
-    hub: StrictStr | None = None
-    path: StrictStr | None = None
+    hub: StrictStr | None = Field(None, description="Hugging Face hub id, `org/name`; give `hub` or `path`")
+    path: StrictStr | None = Field(
+        None, description="a local model directory, relative to the study file; `$VARS` expand")
     revision: StrictStr | None = Field(None, description="hub commit, branch or tag; pin a commit for reproducibility")
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="weights and activations while pruning and evaluating")
     gpus: StrictInt = Field(1, ge=0, le=64, description="GPUs per model replica; 0 runs on CPU")
     accelerator_type: StrictStr | None = Field(
         None, description="Ray accelerator type the model's actors must run on (H100, A100-80G, A10G, L4, ...): "
                           "keeps a large model off nodes whose GPUs are too small")
-    max_seq_len: StrictInt = Field(2048, gt=0, le=1_048_576)
-    trust_remote_code: StrictBool = False
+    max_seq_len: StrictInt = Field(
+        2048, gt=0, le=1_048_576, description="longest sequence the model takes; calibration and perplexity "
+                                              "windows must fit")
+    trust_remote_code: StrictBool = Field(
+        False, description="allow a model whose config names its own code (`auto_map`); refused otherwise")
 
     @property
     def label(self) -> str:
@@ -51,13 +56,17 @@ class TextSource(Strict):
     inside, or only those named `<split>.*` when `split` is set) or a file `<lang>.jsonl|.txt|.parquet`.
     """
 
-    kind: Literal["hub", "local"]
-    dataset: StrictStr | None = None
-    config: StrictStr | None = None
-    revision: StrictStr | None = None
-    split: StrictStr | None = None
-    text_field: StrictStr = "text"
-    path: StrictStr | None = None
+    kind: Literal["hub", "local"] = Field(..., description="`hub`: a dataset on the hub; `local`: files")
+    dataset: StrictStr | None = Field(None, description="hub: the dataset id, such as `allenai/c4`")
+    config: StrictStr | None = Field(
+        None, description="hub: the dataset config, a template: `{mc4}`, `{flores}` or `{lang}` become the "
+                          "language's code in that scheme")
+    revision: StrictStr | None = Field(None, description="hub: the dataset commit; pin it for reproducibility")
+    split: StrictStr | None = Field(
+        None, description="hub: the split; local: only files named `<split>.*` in each language folder")
+    text_field: StrictStr = Field("text", description="the column (or JSON key) holding the text")
+    path: StrictStr | None = Field(
+        None, description="local: a folder with `<lang>/` folders or `<lang>.jsonl|.txt|.parquet` files")
 
 
 class MixSpec(Strict):
@@ -69,21 +78,27 @@ LanguageChoice = StrictStr | MixSpec
 
 
 class CalibrationSpec(Strict):
-    source: TextSource
-    languages: list[LanguageChoice] = Field(..., min_length=1)
-    samples: StrictInt = Field(128, gt=0, le=1_000_000)
-    seq_len: StrictInt = Field(2048, gt=0, le=1_048_576)
-    seeds: list[StrictInt] = Field(default_factory=lambda: [0], min_length=1)
+    source: TextSource = Field(..., description="where calibration text comes from")
+    languages: list[LanguageChoice] = Field(
+        ..., min_length=1, description="ISO 639-1 codes, or mixes: `en+de` (equal), `en:3+de:1`, `{mix: {en: 0.75, "
+                                       "de: 0.25}}`; one trial per entry")
+    samples: StrictInt = Field(128, gt=0, le=1_000_000, description="calibration windows per trial")
+    seq_len: StrictInt = Field(2048, gt=0, le=1_048_576, description="tokens per calibration window")
+    seeds: list[StrictInt] = Field(
+        default_factory=lambda: [0], min_length=1, description="one trial per seed; the seed orders the documents")
 
 
 SparsityValue = StrictFloat | StrictInt | StrictStr
 
 
 class PrunerSpec(Strict):
-    method: StrictStr
+    method: StrictStr = Field(..., description="`magnitude`, `wanda` or `sparsegpt`")
     name: StrictStr | None = Field(None, description="label in trial names; needed when one method appears twice")
-    sparsity: SparsityValue | list[SparsityValue]
-    params: dict[StrictStr, Any] = Field(default_factory=dict)
+    sparsity: SparsityValue | list[SparsityValue] = Field(
+        ..., description="a fraction in (0, 1), `50%`, or N:M (`2:4`: 2 pruned in every 4); a list: one trial each")
+    params: dict[StrictStr, Any] = Field(
+        default_factory=dict, description="the method's parameters (sparsegpt: `blocksize`, `dampening`, "
+                                          "`max_dampening_retries`); unknown ones are refused")
     targets: list[StrictStr] | None = Field(
         None, min_length=1,
         description="regular expressions over linear-layer names inside the decoder blocks; default: all of them")
@@ -106,41 +121,42 @@ class BaselineSpec(Strict):
 
 
 class PerplexitySpec(Strict):
-    source: TextSource
+    source: TextSource = Field(..., description="where evaluation text comes from")
     window: StrictInt = Field(2048, gt=0, le=1_048_576, description="tokens per non-overlapping window")
     max_tokens: StrictInt | None = Field(None, gt=0, description="evaluation tokens per language; default all")
 
 
 class TaskSpec(Strict):
     task: StrictStr = Field(..., description="lm-eval task name, or a template such as belebele_{flores}")
-    shots: StrictInt = Field(0, ge=0, le=64)
+    shots: StrictInt = Field(0, ge=0, le=64, description="few-shot examples")
     limit: StrictInt | StrictFloat | None = Field(None, gt=0, description="documents per task (or a fraction)")
     languages: list[StrictStr] | None = Field(None, min_length=1, description="subset of evaluation.languages")
 
 
 class EvaluationSpec(Strict):
     languages: list[StrictStr] = Field(..., min_length=1, description="target languages")
-    perplexity: PerplexitySpec | None = None
-    tasks: list[TaskSpec] = Field(default_factory=list)
+    perplexity: PerplexitySpec | None = Field(None, description="perplexity and bits per byte per target language")
+    tasks: list[TaskSpec] = Field(default_factory=list, description="lm-eval tasks, run on the model in memory")
     include_path: StrictStr | None = Field(
         None, description="a folder of extra lm-eval task YAMLs (offline tasks, your own tasks)")
-    batch_size: StrictInt = Field(8, gt=0)
+    batch_size: StrictInt = Field(8, gt=0, description="sequences per forward pass in evaluation")
 
 
 class LapeSpec(Strict):
-    enabled: StrictBool = True
+    enabled: StrictBool = Field(True, description="language-specific neurons by LAPE (docs/analyses.md)")
     lape_quantile: StrictFloat = Field(0.01, gt=0, lt=1, description="lowest-LAPE share counted as language-specific")
     activation_quantile: StrictFloat = Field(
         0.95, gt=0, lt=1, description="a language-specific neuron's top activation probability must reach this quantile")
 
 
 class SubspaceSpec(Strict):
-    enabled: StrictBool = True
+    enabled: StrictBool = Field(
+        True, description="SNR in the language-specific and language-agnostic subspaces (docs/analyses.md)")
     rank: StrictInt | None = Field(None, gt=0, description="dimensions of the language-specific subspace; default languages - 1")
 
 
 class MaskAnalysisSpec(Strict):
-    enabled: StrictBool = True
+    enabled: StrictBool = Field(True, description="mask overlap and layer-wise pruning error (docs/analyses.md)")
     save_masks: StrictBool = Field(
         False, description="keep full bit-packed masks (1 bit per weight: 0.9 GB per trial for an 8B model); "
                            "otherwise each mask is kept at sample_bits fixed positions per matrix")
@@ -151,9 +167,10 @@ class MaskAnalysisSpec(Strict):
 
 
 class AnalysesSpec(Strict):
-    masks: MaskAnalysisSpec = Field(default_factory=lambda: MaskAnalysisSpec(enabled=False))
-    lape: LapeSpec = Field(default_factory=lambda: LapeSpec(enabled=False))
-    subspace: SubspaceSpec = Field(default_factory=lambda: SubspaceSpec(enabled=False))
+    masks: MaskAnalysisSpec = Field(default_factory=lambda: MaskAnalysisSpec(enabled=False),
+                                    description="off unless given")
+    lape: LapeSpec = Field(default_factory=lambda: LapeSpec(enabled=False), description="off unless given")
+    subspace: SubspaceSpec = Field(default_factory=lambda: SubspaceSpec(enabled=False), description="off unless given")
 
 
 REPO_FIELDS = {"study", "model", "pruner", "sparsity", "calibration", "seed", "name", "key"}
@@ -162,11 +179,11 @@ REPO_FIELDS = {"study", "model", "pruner", "sparsity", "calibration", "seed", "n
 class SaveModelsSpec(Strict):
     """Pruned models in Hugging Face format (with a model card), under artifacts/<key>/model."""
 
-    enabled: StrictBool = False
+    enabled: StrictBool = Field(False, description="save each pruned model under `artifacts/<key>/model`")
     hub_repo: StrictStr | None = Field(
         None, description="upload each to this hub repo, a template such as 'me/{model}-{pruner}-{sparsity}-"
                           "{calibration}-seed{seed}'; needs HF_TOKEN on the workers")
-    private: StrictBool = True
+    private: StrictBool = Field(True, description="hub repos are created private")
 
     @field_validator("hub_repo")
     @classmethod
@@ -184,26 +201,27 @@ class SaveModelsSpec(Strict):
 
 class ExecutionSpec(Strict):
     output_dir: StrictStr = Field("runs/{study}", description="study directory; {study} is the study name")
-    retries: StrictInt = Field(2, ge=0, le=100)
-    trial_timeout_s: StrictInt | StrictFloat | None = Field(None, gt=0)
+    retries: StrictInt = Field(2, ge=0, le=100, description="extra attempts for a failed trial")
+    trial_timeout_s: StrictInt | StrictFloat | None = Field(
+        None, gt=0, description="an attempt running longer is killed and retried; default: no limit")
     placement_timeout_s: StrictInt | StrictFloat | None = Field(
         900, gt=0, description="fail a model's trials as unschedulable when no node can hold its actor for this long")
-    cpus_per_actor: StrictInt | StrictFloat = Field(1, gt=0)
-    max_actors: StrictInt | None = Field(None, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpus_per_actor: StrictInt | StrictFloat = Field(1, gt=0, description="Ray CPUs (and torch threads) per worker actor")
+    max_actors: StrictInt | None = Field(None, gt=0, description="at most this many worker actors; default: as many as fit")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when the actor has a GPU")
 
 
 class StudySpec(Strict):
-    name: StrictStr
-    description: StrictStr = ""
-    models: list[ModelSpec] = Field(..., min_length=1)
-    calibration: CalibrationSpec
-    pruners: list[PrunerSpec] = Field(..., min_length=1)
-    baselines: BaselineSpec = Field(default_factory=BaselineSpec)
-    evaluation: EvaluationSpec
-    analyses: AnalysesSpec = Field(default_factory=AnalysesSpec)
-    save_models: SaveModelsSpec = Field(default_factory=SaveModelsSpec)
-    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    name: StrictStr = Field(..., description="a slug: lowercase letters, digits, `.`, `_`, `-`; names the study directory")
+    description: StrictStr = Field("", description="free text, shown in the report")
+    models: list[ModelSpec] = Field(..., min_length=1, description="the models to prune")
+    calibration: CalibrationSpec = Field(..., description="calibration text, languages, samples and seeds")
+    pruners: list[PrunerSpec] = Field(..., min_length=1, description="methods and their sparsities")
+    baselines: BaselineSpec = Field(default_factory=BaselineSpec, description="unpruned models to compare with")
+    evaluation: EvaluationSpec = Field(..., description="target languages, perplexity and lm-eval tasks")
+    analyses: AnalysesSpec = Field(default_factory=AnalysesSpec, description="mask overlap, LAPE neurons, subspaces")
+    save_models: SaveModelsSpec = Field(default_factory=SaveModelsSpec, description="keep or upload pruned models")
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec, description="where results go and how trials run")
 
     @field_validator("name")
     @classmethod
