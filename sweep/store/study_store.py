@@ -92,6 +92,8 @@ def study_state(events: Iterable[Event]) -> StudyState:
     failed: dict[str, TrialFailed] = {}
     attempts: dict[str, int] = {}
     for event in events:
+        if not isinstance(event, Event):
+            raise TypeError(f"study_state reads typed events (sweep.store.records), not {type(event).__name__}")
         if isinstance(event, TrialStarted) and event.key:
             attempts[event.key] = attempts.get(event.key, 0) + 1
         elif isinstance(event, TrialFinished) and event.key:

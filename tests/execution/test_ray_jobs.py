@@ -245,7 +245,7 @@ def events(out: Path) -> list[dict]:
 
 
 def finished_and_failed(out: Path) -> tuple[set[str], set[str]]:
-    state = StudyStore(out).state(events(out))
+    state = StudyStore(out).state() if (out / "events").is_dir() else StudyStore(out).state([])
     return set(state.finished), set(state.failed)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sweep.store.records import (
     EVENT_KINDS,
     PlanRecord,
@@ -13,6 +15,7 @@ from sweep.store.records import (
     UnknownEvent,
     parse_event,
 )
+from sweep.store.study_store import study_state
 
 
 def test_every_event_kind_round_trips_through_json():
@@ -51,3 +54,9 @@ def test_plan_record_round_trips_and_reads_a_bare_plan():
     assert plan.keys == {"k"} and plan.analysis_enabled("lape") and not plan.analysis_enabled("masks")
     bare = PlanRecord.from_json({"trials": [{"key": "x"}]})
     assert bare.trials[0].name == "x" and bare.languages == () and bare.study == ""
+
+
+def test_the_state_refuses_raw_dicts_instead_of_reading_nothing():
+    with pytest.raises(TypeError, match="typed events"):
+        study_state([{"event": "finished", "key": "a"}])
+    assert set(study_state([parse_event({"event": "finished", "key": "a"})]).finished) == {"a"}
