@@ -195,7 +195,7 @@ def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions
               "URL.", file=err)
     outcome = None
     try:
-        outcome = _schedule(study, plan, todo, state, store, options, out, err, str(frozen), current,
+        outcome = _schedule(study, plan, todo, state, store, options, out, err, str(frozen),
                             len(finished), 0 if options.retry_failed else len(gave_up))
         return outcome
     finally:
@@ -207,14 +207,86 @@ def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions
             print(f"  Ray's logs are kept in {kept}", file=err)
 
 
-def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: StudyStore, options: RunOptions,
-              out, err, frozen: str, current: set[str], finished_before: int, failed_before: int) -> RunOutcome:
-    import ray
+@dataclass
+class _Recorder:
+    """Turns the scheduler's events into the study's event log (with the trial's fields and result) and
+    the live progress line."""
 
-    from sweep.execution.scheduler import Scheduler, SchedulerConfig, SchedulingError, cluster_capacity, largest_node
+    store: StudyStore
+    progress: LiveProgress
+    by_key: dict[str, TrialSpec]
+    revision: str | None
+    total: int
+    finished_before: int
+    failed_before: int
+    durations: list[float] = field(default_factory=list)
+    finished: int = 0
+    failed: int = 0
 
-    execution = study.spec.execution
-    jobs, shapes = build_jobs(study, todo, state, store)
+    def emit(self, event: Event) -> None:
+        if isinstance(event, TrialFinished):
+            trial, result = self.by_key[event.key], event.result or {}
+            event = replace(event, result=None, trial=trial_fields(trial), spec=trial.payload(),
+                            metrics=result.get("metrics", []), pruning=result.get("pruning"),
+                            statistics=result.get("statistics_path"), saved_model=result.get("model_path"),
+                            hub_repo=result.get("hub_repo"), timings=result.get("timings"), git=self.revision)
+            self.durations.append(event.seconds)
+            self.finished += 1
+            self.progress.log(f"  done    {event.name}  ({event.seconds:.1f} s, actor #{event.actor}, "
+                              f"attempt {event.attempt})")
+        elif isinstance(event, TrialFailed):
+            event = replace(event, trial=trial_fields(self.by_key[event.key]), git=self.revision)
+            self.failed += event.final
+            verdict = "gave up" if event.final else "will retry"
+            self.progress.log(f"  failed  {event.name}  attempt {event.attempt} ({verdict}): {event.error}")
+        elif isinstance(event, Unschedulable):
+            self.progress.log(f"  {event.error}")
+        elif isinstance(event, ActorLost):
+            self.progress.log(f"  worker #{event.actor} on {event.host} died: {event.error}; its trial is re-queued")
+        elif isinstance(event, TrialStarted):
+            event = replace(event, trial=trial_fields(self.by_key[event.key]))
+        self.store.append(event)
+
+    def tick(self, scheduler) -> None:
+        self.store.heartbeat()
+        running, left = len(scheduler.running()), scheduler.queued()
+        actors = sum(1 for slot in scheduler.slots.values() if slot.info is not None)
+        self.progress.update(Summary(total=self.total, done=self.finished_before + self.finished, running=running,
+                                     failed=self.failed_before + self.failed, left=left,
+                                     eta_s=estimate_eta(self.durations, left, running, actors),
+                                     actors=scheduler.holdings()))
+
+
+class _StopOnSignal:
+    """While running: the first SIGINT or SIGTERM lets the trials in flight finish and starts no new one;
+    a second stops at once."""
+
+    def __init__(self, scheduler, progress: LiveProgress):
+        self.scheduler, self.progress = scheduler, progress
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _on_signal(self, number, _frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = number
+        self.scheduler.stop()
+        self.progress.log(f"  stopping ({signal.Signals(number).name}): no new trials; run again to continue")
+
+    def __enter__(self) -> _StopOnSignal:
+        self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+def _unplaceable(shapes: dict, options: RunOptions, execution, err) -> bool:
+    """A model whose actor no live node can hold: an error on an embedded Ray (True), a warning on a
+    cluster, whose autoscaler may add such a node within placement_timeout_s."""
+    from sweep.execution.scheduler import cluster_capacity, largest_node  # deferred: Ray
+
     for label, shape in shapes.items():
         if cluster_capacity(shape) == 0:
             message = (f"models[{label}] needs {shape.describe()} per replica on one node, and no live node has that "
@@ -222,100 +294,63 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
             if options.address is None:
                 print(f"error: {message}. Set gpus: 0 for this model to run it on CPU, or join a GPU cluster with "
                       "--address.", file=err)
-                return RunOutcome(ExitCode.INVALID, store=store.location.url)
+                return True
             print(f"warning: {message}; waiting up to execution.placement_timeout_s "
                   f"({execution.placement_timeout_s}) s for the autoscaler to add one", file=err)
+    return False
 
-    versions = _driver_versions()
-    revision = git_revision()
-    by_key = {t.key: t for t in todo}
+
+def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: StudyStore, options: RunOptions,
+              out, err, frozen: str, finished_before: int, failed_before: int) -> RunOutcome:
+    import ray
+
+    from sweep.execution.scheduler import Scheduler, SchedulerConfig, SchedulingError
+
+    execution = study.spec.execution
+    jobs, shapes = build_jobs(study, todo, state, store)
+    if _unplaceable(shapes, options, execution, err):
+        return RunOutcome(ExitCode.INVALID, store=store.location.url)
+    recorder = _Recorder(store, LiveProgress(out, enabled=options.progress), {t.key: t for t in todo},
+                         git_revision(), len(plan.trials), finished_before, failed_before)
     store.append(RunStarted(study=study.name, study_file=frozen, trials=len(plan.trials), to_run=len(todo),
-                            finished_before=finished_before, git=revision, versions=versions, address=options.address,
-                            retries=execution.retries, timeout_s=execution.trial_timeout_s))
-    progress = LiveProgress(out, enabled=options.progress)
-    durations: list[float] = []
-    counts = {"finished": 0, "failed": 0}
-
-    def emit(event: Event) -> None:
-        if isinstance(event, TrialFinished):
-            result = event.result or {}
-            event = replace(event, result=None, trial=trial_fields(by_key[event.key]),
-                            spec=by_key[event.key].payload(), metrics=result.get("metrics", []),
-                            pruning=result.get("pruning"), statistics=result.get("statistics_path"),
-                            saved_model=result.get("model_path"), hub_repo=result.get("hub_repo"),
-                            timings=result.get("timings"), git=revision)
-            durations.append(event.seconds)
-            counts["finished"] += 1
-            progress.log(f"  done    {event.name}  ({event.seconds:.1f} s, actor #{event.actor}, attempt {event.attempt})")
-        elif isinstance(event, TrialFailed):
-            event = replace(event, trial=trial_fields(by_key[event.key]), git=revision)
-            verdict = "gave up" if event.final else "will retry"
-            counts["failed"] += event.final
-            progress.log(f"  failed  {event.name}  attempt {event.attempt} ({verdict}): {event.error}")
-        elif isinstance(event, Unschedulable):
-            progress.log(f"  {event.error}")
-        elif isinstance(event, ActorLost):
-            progress.log(f"  worker #{event.actor} on {event.host} died: {event.error}; its trial is re-queued")
-        elif isinstance(event, TrialStarted):
-            event = replace(event, trial=trial_fields(by_key[event.key]))
-        store.append(event)
-
-    actor_options = {"runtime_env": {"env_vars": worker_env()}}
+                            finished_before=finished_before, git=recorder.revision, versions=_driver_versions(),
+                            address=options.address, retries=execution.retries,
+                            timeout_s=execution.trial_timeout_s))
     scheduler = Scheduler(ray.remote(ModelWorker), jobs,
                           SchedulerConfig(retries=execution.retries, timeout_s=execution.trial_timeout_s,
                                           max_actors=options.max_actors or execution.max_actors,
                                           placement_timeout_s=execution.placement_timeout_s),
-                          emit, actor_options=actor_options)
-
-    def tick(s: Scheduler) -> None:
-        store.heartbeat()
-        running = len(s.running())
-        left = s.queued()
-        actors = sum(1 for slot in s.slots.values() if slot.info is not None)
-        progress.update(Summary(total=len(plan.trials), done=finished_before + counts["finished"],
-                                running=running, failed=failed_before + counts["failed"],
-                                left=left, eta_s=estimate_eta(durations, left, running, actors),
-                                actors=s.holdings()))
-
-    interrupted = {"signal": None}
-
-    def on_signal(number, _frame):
-        if interrupted["signal"] is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        interrupted["signal"] = number
-        scheduler.stop()
-        progress.log(f"  stopping ({signal.Signals(number).name}): no new trials; run again to continue")
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+                          recorder.emit, actor_options={"runtime_env": {"env_vars": worker_env()}})
     started = time.monotonic()
     try:
-        counters = scheduler.run(on_tick=tick)
+        with _StopOnSignal(scheduler, recorder.progress) as stop:
+            counters = scheduler.run(on_tick=recorder.tick)
     except SchedulingError as problem:
-        progress.close()
+        recorder.progress.close()
         store.append(RunStopped(reason=str(problem)))
         print(f"error: {problem}", file=err)
         return RunOutcome(ExitCode.FAILED_TRIALS, store=store.location.url)
     except OSError as problem:  # the study directory cannot be written (disk full, permissions, a lost mount)
-        progress.close()
+        recorder.progress.close()
         print(f"error: cannot write the study directory {store.location.url}: {problem}. Stopped; the trials in "
               "flight are abandoned and every trial logged as finished is kept. Fix the cause (free space) and "
               "run the same command again to continue.", file=err)
         return RunOutcome(ExitCode.STORE, store=store.location.url)
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    progress.close()
+    recorder.progress.close()
     elapsed = time.monotonic() - started
-    ended = RunStopped if interrupted["signal"] else RunEnded
+    ended = RunStopped if stop.received else RunEnded
     store.append(ended(seconds=elapsed, finished=counters.finished, failed=counters.failed,
                        model_loads=counters.model_loads, loads_by_model=dict(counters.loads_by_model),
                        actors_started=counters.actors_started, actors_lost=counters.actors_lost))
-    results = store.compact(current)
+    results = store.compact({t.key for t in plan.trials})
     print(f"ran {counters.finished} trial(s) in {format_duration(elapsed)}; {counters.failed} failed; "
           f"{counters.model_loads} model load(s) {counters.loads_by_model}; {counters.actors_lost} worker(s) lost",
           file=out)
     print(f"results: {results}", file=out)
-    code = ExitCode.INTERRUPTED if interrupted["signal"] else (ExitCode.FAILED_TRIALS if counters.failed or failed_before else ExitCode.OK)
+    if stop.received:
+        code = ExitCode.INTERRUPTED
+    else:
+        code = ExitCode.FAILED_TRIALS if counters.failed or failed_before else ExitCode.OK
     return RunOutcome(code, finished=counters.finished, failed=counters.failed, model_loads=counters.model_loads,
                       loads_by_model=dict(counters.loads_by_model), store=store.location.url)
 
