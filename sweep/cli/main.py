@@ -13,8 +13,12 @@ from sweep.execution.driver import RunOptions, run_plan
 from sweep.execution.prefetch_nodes import prefetch_each_node
 from sweep.execution.ray_runtime import accelerator_warnings
 from sweep.exit_codes import ExitCode
-from sweep.plan import prefetch
 from sweep.plan.estimate import format_estimates, format_time_estimates, study_estimates, study_time_estimates
+from sweep.plan.prefetch.caches import OFFLINE_ENV, cache_env, cache_problems
+from sweep.plan.prefetch.items import plan_prefetch
+from sweep.plan.prefetch.models import offline_gaps
+from sweep.plan.prefetch.results import format_item, format_summary
+from sweep.plan.prefetch.run import run_prefetch
 from sweep.results.status import print_status
 from sweep.store.study_store import StudyStore
 from sweep.study.env import apply_default_env
@@ -100,7 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     _apply_cache_env(args.cache_dir)  # before any Hugging Face library reads its environment
     if args.offline:
-        os.environ.update(prefetch.OFFLINE_ENV)  # HF_* and TRANSFORMERS_* reach every worker (sweep.execution.ray_runtime)
+        os.environ.update(OFFLINE_ENV)  # HF_* and TRANSFORMERS_* reach every worker (sweep.execution.ray_runtime)
     checked = _checked_study(args.study)
     if isinstance(checked, int):
         return checked
@@ -114,12 +118,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _apply_cache_env(cache_dir: str | None) -> None:
     if cache_dir:
-        os.environ.update(prefetch.cache_env(cache_dir))
+        os.environ.update(cache_env(cache_dir))
 
 
 def _warn_offline_gaps(study: Study, study_path: str) -> None:
     """`sweep run --offline`: hub models this machine's cache cannot serve (workers elsewhere may have them)."""
-    for gap in prefetch.offline_gaps(study):
+    for gap in offline_gaps(study):
         print(f"warning: --offline: {gap}; `sweep prefetch {study_path}` fetches it (on every node: --each-node)",
               file=sys.stderr)
 
@@ -135,9 +139,9 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
               "--each-node the prefetch runs here, into this machine's or a shared cache); nothing was fetched",
               file=sys.stderr)
         return ExitCode.INVALID
-    work = prefetch.plan_prefetch(study, plan, out=args.out)
+    work = plan_prefetch(study, plan, out=args.out)
     if not args.each_node:  # on --each-node every node checks its own caches
-        problems = prefetch.cache_problems(work)
+        problems = cache_problems(work)
         if problems:
             for what, problem in problems:
                 print(f"error: {'--cache-dir' if args.cache_dir else what}: cannot write {problem}", file=sys.stderr)
@@ -149,17 +153,16 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
           + ("; dry run: nothing is fetched or written" if args.dry_run else ""), file=progress, flush=True)
     if args.each_node:
         results = prefetch_each_node(work, args.address, dry_run=args.dry_run,
-                                              on_node=lambda node: print(node.describe(), file=progress, flush=True))
+                                     on_node=lambda node: print(node.describe(), file=progress, flush=True))
     else:
-        results = [prefetch.run_prefetch(work, dry_run=args.dry_run,
-                                         on_item=lambda item: print(prefetch.format_item(item), file=progress,
-                                                                    flush=True))]
+        results = [run_prefetch(work, dry_run=args.dry_run,
+                                on_item=lambda item: print(format_item(item), file=progress, flush=True))]
     ok = all(node.ok for node in results)
     if args.json:
         print(json.dumps({"study": study.name, "dry_run": args.dry_run, "ok": ok,
                           "nodes": [node.as_dict() for node in results]}, indent=2, default=str))
     elif not args.each_node:
-        print(prefetch.format_summary(results[0]))
+        print(format_summary(results[0]))
     failures = [(node, item) for node in results for item in node.failures]
     if failures or any(node.error for node in results):
         print(f"{len(failures) + sum(1 for n in results if n.error)} failure(s):", file=sys.stderr)

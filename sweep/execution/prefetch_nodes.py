@@ -6,7 +6,9 @@ import socket
 from collections.abc import Callable
 
 from sweep.execution.ray_runtime import RayTarget, start_ray, stop_ray, worker_env
-from sweep.plan.prefetch import NodeResult, PrefetchPlan, ray_identity, run_prefetch
+from sweep.plan.prefetch.items import PrefetchPlan
+from sweep.plan.prefetch.results import NodeResult
+from sweep.plan.prefetch.run import ray_identity, run_prefetch
 from sweep.study.env import quiet_libraries
 
 

@@ -96,7 +96,8 @@ def test_prefetch_fills_the_cache_trials_read_and_they_no_longer_need_the_source
 
     from engine.data.calibration import WindowRequest, calibration_set
     from engine.trial import evaluation_tokens
-    from sweep.plan.prefetch import plan_prefetch, run_prefetch
+    from sweep.plan.prefetch.items import plan_prefetch
+    from sweep.plan.prefetch.run import run_prefetch
     from sweep.study.grid import expand
     from sweep.study.load import load_study
     from sweep.study.trials import evaluation_config, trial_config
@@ -192,7 +193,7 @@ def test_model_files_selected_are_what_a_trial_loads():
     repository listing): a Llama-3 repository's original/ checkpoint and .bin/.pth duplicates are left."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from sweep.plan.prefetch import IGNORE_PATTERNS, model_patterns
+    from sweep.plan.prefetch.models import IGNORE_PATTERNS, model_patterns
 
     listing = [".gitattributes", "LICENSE", "README.md", "USE_POLICY.md", "config.json", "generation_config.json",
                "model-00001-of-00004.safetensors", "model-00004-of-00004.safetensors", "model.safetensors.index.json",
@@ -212,7 +213,8 @@ def test_hub_errors_become_one_line_naming_the_model_and_the_fix():
     import httpx2
     from huggingface_hub.utils import hf_raise_for_status
 
-    from sweep.plan.prefetch import ModelItem, hub_error_line
+    from sweep.plan.prefetch.items import ModelItem
+    from sweep.plan.prefetch.models import hub_error_line
 
     model = ModelItem(0, "llama3-8b", "meta-llama/Meta-Llama-3-8B-Instruct", None, None, False)
 
@@ -233,7 +235,7 @@ def test_hub_errors_become_one_line_naming_the_model_and_the_fix():
 
 
 def test_bad_input_exits_2_naming_the_problem_and_writes_nothing(assets, tmp_path, monkeypatch, capsys):
-    from sweep.plan.prefetch import CACHE_ENV_VARS
+    from sweep.plan.prefetch.caches import CACHE_ENV_VARS
 
     for name in CACHE_ENV_VARS:  # restored after the test: --cache-dir sets them in this process
         monkeypatch.setenv(name, os.environ.get(name, str(tmp_path / "unused")))
@@ -265,7 +267,7 @@ def test_run_options_reach_the_workers():
     """`sweep run --offline` and `--cache-dir` set variables that sweep.execution.ray_runtime forwards to every worker."""
     from sweep.cli.main import build_parser
     from sweep.execution.ray_runtime import FORWARDED_ENV_PREFIXES
-    from sweep.plan.prefetch import OFFLINE_ENV, cache_env
+    from sweep.plan.prefetch.caches import OFFLINE_ENV, cache_env
 
     forwarded = [*OFFLINE_ENV, *cache_env("/x")]
     assert all(name.startswith(FORWARDED_ENV_PREFIXES) for name in forwarded)
