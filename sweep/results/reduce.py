@@ -78,7 +78,8 @@ def against_dense(tidy: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def over_seeds(tidy: pl.LazyFrame) -> pl.LazyFrame:
-    return (tidy.with_columns(pl.col("calibration").fill_null(""))
+    # Seeds in a fixed order, so the sums (and so the last digits of means and deviations) never vary.
+    return (tidy.with_columns(pl.col("calibration").fill_null("")).sort("seed", nulls_last=False)
             .group_by([*GROUP, *CELL], maintain_order=True)
             .agg(pl.col("value").mean().alias("mean"), pl.col("value").std(ddof=1).alias("std"),
                  pl.col("value").count().alias("seeds"), pl.len().alias("seeds_expected"),
@@ -98,9 +99,12 @@ def target_ranks(seeds: pl.LazyFrame, languages: list[str]) -> pl.LazyFrame:
     key = ["model", "pruner", "sparsity", *CELL]
     ranked = single.with_columns(score.alias("_score")).with_columns(
         pl.col("_score").rank("min").over(key).alias("rank"))
-    best = (ranked.filter(pl.col("_score").is_not_null()).sort("_score")
-            .group_by(key).agg(pl.col("calibration").first().alias("best_calibration"),
-                               pl.col("mean").first().alias("best_value")))
+    # Among tied best calibrations the first in alphabetical order is named, so the table never changes
+    # between runs; `own_tied_best` and the `rank` say whether there was a tie.
+    order = ["_score", "calibration"]
+    best = (ranked.filter(pl.col("_score").is_not_null())
+            .group_by(key).agg(pl.col("calibration").sort_by(order).first().alias("best_calibration"),
+                               pl.col("mean").sort_by(order).first().alias("best_value")))
     own = ranked.filter(pl.col("calibration") == pl.col("target")).select(
         *key, pl.col("mean").alias("own_value"), "rank")
     targets = ranked.group_by(key).agg(pl.col("_score").count().alias("ranked"),
@@ -142,8 +146,18 @@ def reduce_study(results: pl.LazyFrame, plan: PlanRecord, languages: list[str]) 
     seeds = over_seeds(tidy)
     tidy_df, seeds_df = pl.collect_all([tidy, seeds])
     groups = list(dict.fromkeys((t.model, t.pruner, t.sparsity) for t in plan.trials if not t.dense))
-    return StudyTables(tidy=tidy_df, seeds=seeds_df, ranks=target_ranks(seeds_df.lazy(), languages).collect(),
-                       tasks=downstream(seeds_df.lazy()).collect(), languages=languages, groups=groups)
+    # Group-bys and joins give rows in no fixed order: sorted, the same results give the same files.
+    return StudyTables(tidy=_sorted(tidy_df), seeds=_sorted(seeds_df),
+                       ranks=_sorted(target_ranks(seeds_df.lazy(), languages).collect()),
+                       tasks=_sorted(downstream(seeds_df.lazy()).collect()), languages=languages, groups=groups)
+
+
+SORT_ORDER = ("model", "pruner", "sparsity", "calibration", "seed", "name", "target", "task", "metric")
+
+
+def _sorted(frame: pl.DataFrame) -> pl.DataFrame:
+    columns = [c for c in SORT_ORDER if c in frame.columns]
+    return frame.sort(columns, nulls_last=False) if columns else frame
 
 
 def load_tables(study_dir: Path | str, plan: PlanRecord, languages: list[str]) -> StudyTables:

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import jinja2
 import polars as pl
+from markupsafe import Markup
 
 from sweep.results.figures import heatmap_png
 from sweep.results.reduce import StudyTables, calibration_matrix, load_tables, lower_is_better
@@ -255,14 +257,35 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def table_html(frame: pl.DataFrame, limit: int | None = None) -> str:
+def table_html(frame: pl.DataFrame, limit: int | None = None) -> Markup:
     rows = list(frame.iter_rows())[:limit] if limit else list(frame.iter_rows())
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
     body = "".join("<tr>" + "".join(
         "<td class=missing>missing</td>" if v is None else f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
         for row in rows)
     more = f"<p class=note>{frame.height - len(rows)} more rows in the CSV.</p>" if limit and frame.height > limit else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
+    return Markup(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}")
+
+
+@dataclass(frozen=True)
+class Section:
+    """One titled table of the report; `note` may hold markup (it is the report's own text)."""
+
+    heading: str
+    table: Markup
+    note: Markup | str = ""
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Figure:
+    title: str
+    data: str  # base64 PNG
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.PackageLoader("sweep.results", "templates"), autoescape=True,
+                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
 
 
 def render(plan: PlanRecord, tables: StudyTables, stats: RunStats, heatmaps: list[Heatmap], study_text: str,
@@ -274,26 +297,13 @@ def render(plan: PlanRecord, tables: StudyTables, stats: RunStats, heatmaps: lis
     state = ("complete" if not missing else
              f"partial: {len(finished_keys)} of {total} trials finished, {len(failed)} failed, "
              f"{len(missing) - len(failed)} not run yet; missing cells are marked, never filled")
-    sections = [
-        f"<h1>Study {html.escape(plan.study)}</h1>",
-        f"<p class=state>{html.escape(state)}</p>",
-        "<h2>Findings</h2>",
-        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in findings(tables)) + "</ul>"
-        if findings(tables) else "<p>No finished pruned trials yet.</p>",
-        "<h2>Calibration language x target language</h2>",
-        "<p>Means over seeds. The red outline marks calibrating in the target language; * marks the best "
-        "calibration for each target; hatched cells are missing. Tables: <code>tables/matrix-*.csv</code>.</p>",
-    ]
-    for heatmap in heatmaps:
-        data = base64.b64encode(heatmap.png).decode("ascii")
-        sections.append(f"<figure><img alt=\"{html.escape(heatmap.title)}\" src=\"data:image/png;base64,{data}\">"
-                        f"<figcaption>{html.escape(heatmap.title)}</figcaption></figure>")
+    sections: list[Section] = []
     dense = tables.seeds.filter(pl.col("dense") & (pl.col("task") == "perplexity")
                                 & pl.col("metric").is_in(PERPLEXITY_METRICS)).sort("metric", "model")
     if dense.height:
         wide = dense.pivot(on="target", index=["metric", "model"], values="mean", aggregate_function="first")
         wide = wide.select("metric", "model", *[t for t in tables.languages if t in wide.columns])
-        sections += ["<h2>Dense baselines</h2>", table_html(wide)]
+        sections.append(Section("Dense baselines", table_html(wide)))
     order = {g: i for i, g in enumerate(tables.groups)}
     ranks = (tables.ranks.filter((pl.col("task") == "perplexity") & pl.col("metric").is_in(PERPLEXITY_METRICS[:1]))
              .with_columns(pl.struct("model", "pruner", "sparsity").map_elements(
@@ -302,59 +312,51 @@ def render(plan: PlanRecord, tables: StudyTables, stats: RunStats, heatmaps: lis
                                                return_dtype=pl.Int64).alias("_t"))
              .sort("_g", "_t"))
     if ranks.height:
-        sections += ["<h2>Rank of the target language's own calibration</h2>",
-                     "<p>1 is best among the single-language calibrations present.</p>",
-                     table_html(ranks.select("model", "pruner", "sparsity", "metric", "target", "own_value", "rank",
-                                             "ranked", "best_calibration", "best_value"))]
+        sections.append(Section("Rank of the target language's own calibration", table_html(
+            ranks.select("model", "pruner", "sparsity", "metric", "target", "own_value", "rank", "ranked",
+                         "best_calibration", "best_value")),
+            note="1 is best among the single-language calibrations present."))
     tasks = tables.tasks.filter(pl.col("task") == "average")
     if tasks.height:
         wide = tasks.pivot(on="target", index=["model", "pruner", "sparsity", "calibration", "metric"],
                            values="mean", aggregate_function="first")
         wide = wide.select("model", "pruner", "sparsity", "calibration", "metric",
                            *[t for t in tables.languages if t in wide.columns])
-        sections += ["<h2>Downstream tasks</h2>",
-                     "<p>Mean over seeds, averaged over the tasks measured in each target language; per task in "
-                     "<code>tables/tasks.csv</code>. Dense rows are the unpruned models.</p>",
-                     table_html(_in_plan_order(wide, tables), limit=300)]
+        sections.append(Section("Downstream tasks", table_html(_in_plan_order(wide, tables), limit=300),
+                                note=Markup("Mean over seeds, averaged over the tasks measured in each target "
+                                            "language; per task in <code>tables/tasks.csv</code>. Dense rows are "
+                                            "the unpruned models.")))
     seeds = tables.seeds.filter(~pl.col("dense") & (pl.col("seeds_expected") > 1))
     if seeds.height:
-        sections += ["<h2>Spread over seeds</h2>",
-                     table_html(seeds.select(*["model", "pruner", "sparsity", "calibration", "target", "task", "metric",
-                                               "mean", "std", "seeds", "seeds_expected"]), limit=200)]
+        sections.append(Section("Spread over seeds", table_html(seeds.select(
+            "model", "pruner", "sparsity", "calibration", "target", "task", "metric", "mean", "std", "seeds",
+            "seeds_expected"), limit=200)))
     if missing:
         rows = [[t.name, failed.get(t.key, "not run yet")] for t in missing]
-        sections += ["<h2>Missing trials</h2>",
-                     table_html(pl.DataFrame(rows, schema=["trial", "status"], orient="row"), limit=500)]
-    sections += ["<h2>Run statistics</h2>", table_html(pl.DataFrame([
+        sections.append(Section("Missing trials", table_html(
+            pl.DataFrame(rows, schema=["trial", "status"], orient="row"), limit=500)))
+    sections.append(Section("Run statistics", table_html(pl.DataFrame([
         ["trials in the plan", str(total)], ["finished", str(len(finished_keys))],
         ["failed (retries used up)", str(stats.trials_gave_up)], ["driver runs", str(stats.driver_runs)],
         ["attempts", str(stats.attempts)], ["failed attempts", str(stats.attempts_failed)],
         ["workers lost", str(stats.workers_lost)], ["model loads", str(stats.model_loads)],
         ["worker hours in trials", f"{stats.worker_hours:.3f}"], ["GPU hours in trials", f"{stats.gpu_hours:.3f}"],
         ["hours loading models", f"{stats.load_hours:.3f}"], ["git revisions", ", ".join(stats.git) or "unknown"],
-    ], schema=["statistic", "value"], orient="row"))]
+    ], schema=["statistic", "value"], orient="row"))))
     if stats.errors:
-        sections += ["<h3>Errors</h3>", table_html(pl.DataFrame(
+        sections.append(Section("Errors", table_html(pl.DataFrame(
             [[e, n] for e, n in sorted(stats.errors.items(), key=lambda x: -x[1])], schema=["error", "attempts"],
-            orient="row"))]
+            orient="row")), level=3))
     versions = [["driver", k, v] for k, v in stats.driver_versions.items()]
     versions += [[f"worker set {i + 1}", k, v] for i, vs in enumerate(stats.worker_versions) for k, v in vs.items()]
     if versions:
-        sections += ["<h2>Library versions</h2>",
-                     table_html(pl.DataFrame(versions, schema=["where", "library", "version"], orient="row"))]
-    sections += extra_sections
-    sections += ["<h2>Study file</h2>", f"<pre>{html.escape(study_text)}</pre>",
-                 f"<p class=note>Written {datetime.now(UTC).isoformat(timespec='seconds')} by "
-                 f"<code>sweep report</code>.</p>"]
-    style = ("body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}"
-             "table{border-collapse:collapse;margin:1rem 0;font-size:.85rem}td,th{border:1px solid #ccc;padding:.2rem .5rem;"
-             "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-             "td.missing{color:#999;background:repeating-linear-gradient(45deg,#fff,#fff 4px,#eee 4px,#eee 8px)}"
-             "figure{display:inline-block;margin:.5rem}figure img{max-width:34rem}figcaption{font-size:.8rem}"
-             "pre{background:#f7f7f7;padding:1rem;overflow-x:auto;font-size:.8rem}.state{font-weight:600}.note{color:#666}")
-    title = html.escape(f"study {plan.study}")
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{title}</title><style>{style}</style>"
-            "</head><body>" + "\n".join(sections) + "</body></html>\n")
+        sections.append(Section("Library versions", table_html(
+            pl.DataFrame(versions, schema=["where", "library", "version"], orient="row"))))
+    return _environment().get_template("report.html.j2").render(
+        study=plan.study, state=state, findings=findings(tables),
+        heatmaps=[Figure(h.title, base64.b64encode(h.png).decode("ascii")) for h in heatmaps],
+        sections=sections, extra_sections=[Markup(s) for s in extra_sections], study_text=study_text,
+        written=datetime.now(UTC).isoformat(timespec="seconds"))
 
 
 def _in_plan_order(frame: pl.DataFrame, tables: StudyTables) -> pl.DataFrame:
