@@ -299,3 +299,15 @@ def test_node_capacity_counts_only_nodes_with_the_accelerator():
     assert node_capacity(h100_node, Shape(gpus=4, cpus=1, accelerator="H100")) == 2
     assert node_capacity(a10g_node, Shape(gpus=4, cpus=1, accelerator="H100")) == 0
     assert node_capacity(a10g_node, Shape(gpus=4, cpus=1)) == 1
+
+
+def test_hub_repo_template_is_checked():
+    from pydantic import ValidationError
+
+    from sweep.study.schema import SaveModelsSpec
+
+    assert SaveModelsSpec(enabled=True, hub_repo="me/{model}-{pruner}-{sparsity}-cal-{calibration}-seed{seed}")
+    with pytest.raises(ValidationError, match="unknown field"):
+        SaveModelsSpec(hub_repo="me/{modle}")
+    with pytest.raises(ValidationError, match="owner/name"):
+        SaveModelsSpec(hub_repo="{model}")
