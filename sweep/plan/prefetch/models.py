@@ -28,26 +28,21 @@ def model_patterns(trust_remote_code: bool) -> list[str]:
 
 def _tree_bytes(folder: Path) -> int:
     """Bytes of the files under `folder`, following links (a hub snapshot links into blobs/)."""
-    total = 0
-    if not folder.is_dir():
-        return 0
-    for path in folder.rglob("*"):
-        try:
-            if path.is_file():
-                total += path.stat().st_size
-        except OSError:
-            pass
-    return total
+    return _bytes_of(folder.rglob("*")) if folder.is_dir() else 0
 
 
 def _top_level_bytes(folder: Path) -> int:
     """Bytes of the files a trial loads from a model folder: its top level (links followed)."""
+    return _bytes_of(folder.iterdir()) if folder.is_dir() else 0
+
+
+def _bytes_of(paths) -> int:
     total = 0
-    for path in folder.iterdir() if folder.is_dir() else ():
+    for path in paths:
         try:
             if path.is_file():
                 total += path.stat().st_size
-        except OSError:
+        except OSError:  # a file removed or unreadable while counting: left out
             pass
     return total
 
