@@ -53,8 +53,7 @@ def build_report(study_dir: Path | str, out_dir: Path, extra_sections: list[str]
     (out_dir / "tables").mkdir(exist_ok=True)
     for name in ("tidy", "seeds", "ranks", "tasks"):
         frame: pl.DataFrame = getattr(tables, name)
-        frame.write_parquet(out_dir / "tables" / f"{name}.parquet")
-        frame.write_csv(out_dir / "tables" / f"{name}.csv")
+        write_table(frame, out_dir / "tables", name)
     heatmaps = draw_heatmaps(tables)
     for heatmap in heatmaps:
         (out_dir / "figures" / f"{heatmap.slug}.png").write_bytes(heatmap.png)
@@ -66,9 +65,26 @@ def build_report(study_dir: Path | str, out_dir: Path, extra_sections: list[str]
     return out_dir / "index.html"
 
 
+# Tables longer than this are written as Parquet only: a CSV of a real study's per-matrix analyses runs to
+# tens of megabytes (Gemma 3 270M's layer errors: 52,000 rows, 6.7 MB; an 8B model's about ten times that),
+# which no one reads as text and a repository should not hold; Parquet keeps them at a sixteenth.
+CSV_MAX_ROWS = 20_000
+
+
+def write_table(frame: pl.DataFrame, folder: Path, stem: str) -> str:
+    """`<stem>.parquet`, and `<stem>.csv` while the table is short enough to read as text; returns the
+    name of the file to point a reader to (the CSV when there is one)."""
+    frame.write_parquet(folder / f"{stem}.parquet")
+    if frame.height > CSV_MAX_ROWS:
+        (folder / f"{stem}.csv").unlink(missing_ok=True)  # an earlier report's, now out of date
+        return f"{stem}.parquet"
+    frame.write_csv(folder / f"{stem}.csv")
+    return f"{stem}.csv"
+
+
 def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: StudyTables, out_dir: Path) -> list[str]:
     """The mask, neuron and subspace analyses the study switched on, as report sections (tables written
-    beside the report as analysis-*.csv / .parquet, figures as PNG)."""
+    beside the report as analysis-*.parquet, and .csv while short; figures as PNG)."""
     from sweep.results.analyses import AnalysisSettings, run_analyses
     from sweep.results.figures import iou_png, lape_png, snr_png
 
@@ -81,11 +97,9 @@ def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: S
                                 activation_quantile=lape_config.get("activation_quantile", 0.95),
                                 subspace_rank=subspace_config.get("rank"))
     result = run_analyses(study_dir, plan, finished, settings, on["masks"], on["lape"], on["subspace"])
-    for name in ("mask_overlap", "neurons", "lape_hist", "snr", "layer_error"):
-        frame = getattr(result, name)
-        if frame.height:
-            frame.write_parquet(out_dir / "tables" / f"analysis-{name}.parquet")
-            frame.write_csv(out_dir / "tables" / f"analysis-{name}.csv")
+    written = {name: write_table(getattr(result, name), out_dir / "tables", f"analysis-{name}")
+               for name in ("mask_overlap", "neurons", "lape_hist", "snr", "layer_error")
+               if getattr(result, name).height}
     sections: list[str] = []
 
     def figure(png: bytes, slug: str, title: str) -> str:
@@ -97,7 +111,7 @@ def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: S
     if on["masks"]:
         sections += ["<h2>Pruning masks: overlap between calibration languages</h2>",
                      "<p>IoU of the pruned positions of two masks (1: identical, 0: disjoint), over each layer's "
-                     "matrices; per matrix in <code>tables/analysis-mask_overlap.csv</code>.</p>"]
+                     f"matrices; per matrix in <code>tables/{written.get('mask_overlap', 'analysis-mask_overlap.parquet')}</code>.</p>"]
         overlap = result.mask_overlap.filter(pl.col("matrix") == "all") if result.mask_overlap.height else result.mask_overlap
         for model, pruner, sparsity in tables.groups:
             group = overlap.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)
@@ -110,7 +124,7 @@ def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: S
             sections += ["<h3>Layer-wise pruning error on held-out text</h3>",
                          "<p>||WX - W'X||^2 / ||WX||^2 of each linear layer on the first held-out tokens of each "
                          "target language, averaged over layers and matrices (lower keeps more); per layer and "
-                         "matrix in <code>tables/analysis-layer_error.csv</code>.</p>"]
+                         f"matrix in <code>tables/{written['layer_error']}</code>.</p>"]
             mean_error = (result.layer_error.group_by("model", "pruner", "sparsity", "calibration", "target")
                           .agg(pl.col("relative_error").mean().alias("mean"))
                           .with_columns(pl.lit("layer error").alias("task"), pl.lit("relative_error").alias("metric")))
@@ -143,7 +157,7 @@ def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: S
                      "<p>SNR (dB) of each pruned model's per-language mean hidden state against the dense one, "
                      "in the subspace spanned by the dense model's centred language means and in its complement; "
                      "higher keeps more. Mean over calibration x target pairs per layer; per pair in "
-                     "<code>tables/analysis-snr.csv</code>. Identical representations are +inf and left out of "
+                     f"<code>tables/{written['snr']}</code>. Identical representations are +inf and left out of "
                      "means.</p>"]
         for model, pruner, sparsity in tables.groups:
             group = result.snr.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)

@@ -171,3 +171,15 @@ def test_report_in_a_headless_browser(study_dir, tmp_path):
     urls, console, shot = open_in_browser(bad, tmp_path / "browser-bad")
     assert any(u.startswith("http://127.0.0.1:9/") for u in urls) and console
     assert colourful_share(shot) < 0.001
+
+
+def test_long_tables_are_written_as_parquet_only(tmp_path, monkeypatch):
+    from sweep.results import report
+
+    monkeypatch.setattr(report, "CSV_MAX_ROWS", 3)
+    short, long = pl.DataFrame({"a": [1, 2, 3]}), pl.DataFrame({"a": [1, 2, 3, 4]})
+    assert report.write_table(short, tmp_path, "short") == "short.csv"
+    (tmp_path / "long.csv").write_text("stale\n")  # from an earlier report
+    assert report.write_table(long, tmp_path, "long") == "long.parquet"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.parquet", "short.csv", "short.parquet"]
+    assert pl.read_parquet(tmp_path / "long.parquet").equals(long)
