@@ -44,8 +44,9 @@ def temporary_sibling(path: Path) -> Path:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path to write `path`'s new content to (a file or a folder); renames it over
-    `path` when the block ends, or removes it if the block raised."""
+    """Yields a temporary path to write `path`'s new content to (a file, or a folder where `path` does
+    not exist yet: a rename cannot replace a non-empty folder); renames it over `path` when the block
+    ends, or removes it if the block raised."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_sibling(path)

@@ -19,7 +19,7 @@ from engine.demo.build import ensure_corpus, ensure_demo_assets
 from engine.demo.tasks import ensure_demo_tasks
 from engine.pretrained.build import ensure_model
 from sweep.cli.format import format_plan
-from sweep.execution.driver import RunOptions, run_plan
+from sweep.execution.driver import RunOptions, print_warnings, run_plan
 from sweep.exit_codes import ExitCode
 from sweep.results.report import build_report, table_html
 from sweep.study.env import REPO_ROOT, apply_default_env, quiet_libraries
@@ -73,8 +73,7 @@ def run_demo(force_assets: bool = False, report_dir: Path | None = None, study_p
         print(err.describe(), file=sys.stderr)
         return ExitCode.INVALID
     study = plan.study
-    for warning in study.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    print_warnings(study)
     print(format_plan(plan, show_trials=False))
     options = options or RunOptions()
     outcome = run_plan(plan, options)

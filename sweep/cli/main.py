@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 from sweep.cli.format import format_plan, plan_as_dict
-from sweep.execution.driver import RunOptions, run_plan
+from sweep.execution.driver import RunOptions, print_warnings, run_plan
 from sweep.execution.prefetch_nodes import prefetch_each_node
-from sweep.execution.ray_runtime import accelerator_warnings
 from sweep.exit_codes import ExitCode
 from sweep.plan.estimate import format_estimates, format_time_estimates, study_estimates, study_time_estimates
 from sweep.plan.prefetch.caches import OFFLINE_ENV, cache_env, cache_problems
@@ -37,11 +36,6 @@ def report_invalid(err: StudyInvalid, stream=None) -> int:
     return ExitCode.INVALID
 
 
-def _print_warnings(study: Study) -> None:
-    for warning in (*study.warnings, *accelerator_warnings(study)):
-        print(f"warning: {warning}", file=sys.stderr)
-
-
 def _checked_study(path: str) -> tuple[Study, Plan] | int:
     """The study and its plan, its warnings printed; or the exit code after printing its problems."""
     try:
@@ -49,7 +43,7 @@ def _checked_study(path: str) -> tuple[Study, Plan] | int:
         plan = expand(study)
     except StudyInvalid as err:
         return report_invalid(err)
-    _print_warnings(study)
+    print_warnings(study)
     return study, plan
 
 

@@ -98,9 +98,14 @@ def run_study(study_path: str | Path, options: RunOptions, out=None, err=None) -
     except StudyInvalid as problem:
         print(problem.describe(), file=err)
         return RunOutcome(ExitCode.INVALID)
-    for warning in (*plan.study.warnings, *accelerator_warnings(plan.study)):
-        print(f"warning: {warning}", file=err)
+    print_warnings(plan.study, err)
     return run_plan(plan, options, out, err)
+
+
+def print_warnings(study: Study, err=None) -> None:
+    """The study's own warnings and those only a Ray installation can tell (accelerator types)."""
+    for warning in (*study.warnings, *accelerator_warnings(study)):
+        print(f"warning: {warning}", file=err or sys.stderr)
 
 
 def run_plan(plan: Plan, options: RunOptions, out=None, err=None) -> RunOutcome:
