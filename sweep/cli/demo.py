@@ -21,7 +21,8 @@ from engine.pretrained.build import ensure_model
 from sweep.cli.format import format_plan
 from sweep.execution.driver import RunOptions, print_warnings, run_plan
 from sweep.exit_codes import ExitCode
-from sweep.results.report import build_report, table_html
+from sweep.results.report import build_report
+from sweep.results.table_files import table_html
 from sweep.study.env import REPO_ROOT, apply_default_env, quiet_libraries
 from sweep.study.grid import expand
 from sweep.study.load import load_study

@@ -3,8 +3,6 @@ embedded, no network), beside the figures as PNG and the tables as CSV and Parqu
 from __future__ import annotations
 
 import base64
-import html
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,9 +11,11 @@ import jinja2
 import polars as pl
 from markupsafe import Markup
 
+from sweep.results.analysis_sections import analysis_sections
 from sweep.results.figures import heatmap_png
 from sweep.results.reduce import StudyTables, calibration_matrix, load_tables, lower_is_better
 from sweep.results.run_stats import RunStats, run_stats
+from sweep.results.table_files import slug, table_html, write_table
 from sweep.store.records import Event, PlanRecord, RunStarted, TrialFailed
 from sweep.store.study_store import StudyStore
 
@@ -65,113 +65,6 @@ def build_report(study_dir: Path | str, out_dir: Path, extra_sections: list[str]
     return out_dir / "index.html"
 
 
-# Tables longer than this are written as Parquet only: a CSV of a real study's per-matrix analyses runs to
-# tens of megabytes (Gemma 3 270M's layer errors: 52,000 rows, 6.7 MB; an 8B model's about ten times that),
-# which no one reads as text and a repository should not hold; Parquet keeps them at a sixteenth.
-CSV_MAX_ROWS = 20_000
-
-
-def write_table(frame: pl.DataFrame, folder: Path, stem: str) -> str:
-    """`<stem>.parquet`, and `<stem>.csv` while the table is short enough to read as text; returns the
-    name of the file to point a reader to (the CSV when there is one)."""
-    frame.write_parquet(folder / f"{stem}.parquet")
-    if frame.height > CSV_MAX_ROWS:
-        (folder / f"{stem}.csv").unlink(missing_ok=True)  # an earlier report's, now out of date
-        return f"{stem}.parquet"
-    frame.write_csv(folder / f"{stem}.csv")
-    return f"{stem}.csv"
-
-
-def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: StudyTables, out_dir: Path) -> list[str]:
-    """The mask, neuron and subspace analyses the study switched on, as report sections (tables written
-    beside the report as analysis-*.parquet, and .csv while short; figures as PNG)."""
-    from sweep.results.analyses import AnalysisSettings, run_analyses
-    from sweep.results.figures import iou_png, lape_png, snr_png
-
-    config = plan.analyses
-    on = {name: plan.analysis_enabled(name) for name in ("masks", "lape", "subspace")}
-    if not any(on.values()):
-        return []
-    lape_config, subspace_config = config.get("lape") or {}, config.get("subspace") or {}
-    settings = AnalysisSettings(lape_quantile=lape_config.get("lape_quantile", 0.01),
-                                activation_quantile=lape_config.get("activation_quantile", 0.95),
-                                subspace_rank=subspace_config.get("rank"))
-    result = run_analyses(study_dir, plan, finished, settings, on["masks"], on["lape"], on["subspace"])
-    written = {name: write_table(getattr(result, name), out_dir / "tables", f"analysis-{name}")
-               for name in ("mask_overlap", "neurons", "lape_hist", "snr", "layer_error")
-               if getattr(result, name).height}
-    sections: list[str] = []
-
-    def figure(png: bytes, slug: str, title: str) -> str:
-        (out_dir / "figures" / f"{slug}.png").write_bytes(png)
-        data = base64.b64encode(png).decode("ascii")
-        return (f"<figure><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{data}\">"
-                f"<figcaption>{html.escape(title)}</figcaption></figure>")
-
-    if on["masks"]:
-        sections += ["<h2>Pruning masks: overlap between calibration languages</h2>",
-                     "<p>IoU of the pruned positions of two masks (1: identical, 0: disjoint), over each layer's "
-                     f"matrices; per matrix in <code>tables/{written.get('mask_overlap', 'analysis-mask_overlap.parquet')}</code>.</p>"]
-        overlap = result.mask_overlap.filter(pl.col("matrix") == "all") if result.mask_overlap.height else result.mask_overlap
-        for model, pruner, sparsity in tables.groups:
-            group = overlap.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)
-                                   & (pl.col("sparsity") == sparsity)) if overlap.height else overlap
-            if group.height:
-                title = f"{model} / {pruner} {sparsity}: mask overlap"
-                sections.append(figure(iou_png(group, tables.languages, title),
-                                       _slug(model, pruner, sparsity, "mask-iou"), title))
-        if result.layer_error.height:
-            sections += ["<h3>Layer-wise pruning error on held-out text</h3>",
-                         "<p>||WX - W'X||^2 / ||WX||^2 of each linear layer on the first held-out tokens of each "
-                         "target language, averaged over layers and matrices (lower keeps more); per layer and "
-                         f"matrix in <code>tables/{written['layer_error']}</code>.</p>"]
-            mean_error = (result.layer_error.group_by("model", "pruner", "sparsity", "calibration", "target")
-                          .agg(pl.col("relative_error").mean().alias("mean"))
-                          .with_columns(pl.lit("layer error").alias("task"), pl.lit("relative_error").alias("metric")))
-            for model, pruner, sparsity in tables.groups:
-                matrix = calibration_matrix(mean_error.lazy(), model, pruner, sparsity, "layer error",
-                                            "relative_error", tables.languages)
-                if matrix.height:
-                    title = f"{model} / {pruner} {sparsity}: mean layer-wise pruning error"
-                    sections.append(figure(heatmap_png(matrix, title, True),
-                                           _slug(model, pruner, sparsity, "layer-error"), title))
-        if result.without_masks:
-            sections.append(f"<p class=note>No masks for {len(result.without_masks)} trial(s) (run with "
-                            f"analyses.masks off): {html.escape(', '.join(result.without_masks[:10]))}</p>")
-    if on["lape"] and result.neurons.height:
-        sections += ["<h2>Language-specific neurons (LAPE)</h2>",
-                     f"<p>A neuron is language-specific when its LAPE is in the lowest {settings.lape_quantile:g} "
-                     f"quantile and its activation probability reaches the dense model's "
-                     f"{settings.activation_quantile:g} quantile in some language. Against the dense model's "
-                     "language-specific neurons: how many survive pruning, vanish and appear.</p>",
-                     table_html(result.neurons.select("name", "dense", "pruned", "survive", "vanish", "appear",
-                                                      "mean_lape", "active_neurons"), limit=300)]
-        for model, pruner, sparsity in tables.groups:
-            hist = result.lape_hist.filter((pl.col("model") == model) & ((pl.col("pruner") == "dense") | (
-                (pl.col("pruner") == pruner) & (pl.col("sparsity") == sparsity))))
-            if hist.filter(pl.col("pruner") != "dense").height:
-                title = f"{model} / {pruner} {sparsity}: LAPE, dense vs pruned"
-                sections.append(figure(lape_png(hist, title), _slug(model, pruner, sparsity, "lape"), title))
-    if on["subspace"] and result.snr.height:
-        sections += ["<h2>Latent subspaces: language-specific vs language-agnostic</h2>",
-                     "<p>SNR (dB) of each pruned model's per-language mean hidden state against the dense one, "
-                     "in the subspace spanned by the dense model's centred language means and in its complement; "
-                     "higher keeps more. Mean over calibration x target pairs per layer; per pair in "
-                     f"<code>tables/{written['snr']}</code>. Identical representations are +inf and left out of "
-                     "means.</p>"]
-        for model, pruner, sparsity in tables.groups:
-            group = result.snr.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)
-                                      & (pl.col("sparsity") == sparsity))
-            if group.height:
-                title = f"{model} / {pruner} {sparsity}: SNR per layer"
-                sections.append(figure(snr_png(group, title), _slug(model, pruner, sparsity, "snr"), title))
-    if (on["lape"] or on["subspace"]) and result.without_statistics:
-        sections.append(f"<p class=note>No neuron or hidden-state statistics for {len(result.without_statistics)} "
-                        f"trial(s) (run with analyses.lape and analyses.subspace off): "
-                        f"{html.escape(', '.join(result.without_statistics[:10]))}</p>")
-    return sections
-
-
 def _latest_study_text(store: StudyStore, events: list[Event]) -> str:
     runs = [e for e in events if isinstance(e, RunStarted) and e.study_file]
     candidates = []
@@ -183,10 +76,6 @@ def _latest_study_text(store: StudyStore, events: list[Event]) -> str:
         if raw is not None:
             return raw.decode("utf-8", errors="replace")
     return ""
-
-
-def _slug(*parts: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", "-".join(parts).lower()).strip("-")
 
 
 def trial_groups(tables: StudyTables) -> list[tuple[str, str, str]]:
@@ -213,7 +102,7 @@ def draw_heatmaps(tables: StudyTables) -> list[Heatmap]:
                 continue
             what = METRIC_NAMES.get(metric, metric) + (" (mean over tasks)" if task == "average" else "")
             title = f"{model} / {pruner} {sparsity}: {what}"
-            out.append(Heatmap(title, _slug(model, pruner, sparsity, task, metric),
+            out.append(Heatmap(title, slug(model, pruner, sparsity, task, metric),
                                heatmap_png(matrix, title, lower_is_better(metric)), matrix))
     return out
 
@@ -262,24 +151,6 @@ def _tied(ties: int) -> str:
 
 
 # -- HTML ------------------------------------------------------------------------------------------
-
-def _fmt(value: object) -> str:
-    if value is None:
-        return "missing"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
-    return str(value)
-
-
-def table_html(frame: pl.DataFrame, limit: int | None = None) -> Markup:
-    rows = list(frame.iter_rows())[:limit] if limit else list(frame.iter_rows())
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join("<tr>" + "".join(
-        "<td class=missing>missing</td>" if v is None else f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
-        for row in rows)
-    more = f"<p class=note>{frame.height - len(rows)} more rows in the CSV.</p>" if limit and frame.height > limit else ""
-    return Markup(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}")
-
 
 @dataclass(frozen=True)
 class Section:

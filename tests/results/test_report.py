@@ -174,7 +174,7 @@ def test_report_in_a_headless_browser(study_dir, tmp_path):
 
 
 def test_long_tables_are_written_as_parquet_only(tmp_path, monkeypatch):
-    from sweep.results import report
+    from sweep.results import table_files as report
 
     monkeypatch.setattr(report, "CSV_MAX_ROWS", 3)
     short, long = pl.DataFrame({"a": [1, 2, 3]}), pl.DataFrame({"a": [1, 2, 3, 4]})

@@ -1,0 +1,106 @@
+"""The report's sections for the mask, neuron and subspace analyses: tables written beside the report,
+figures drawn, and the text that says what each analysis computed and whose definition it follows."""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import polars as pl
+
+from sweep.results.figures import heatmap_png
+from sweep.results.reduce import StudyTables, calibration_matrix
+from sweep.results.table_files import slug, table_html, write_table
+from sweep.store.records import PlanRecord
+
+
+def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: StudyTables, out_dir: Path) -> list[str]:
+    """The mask, neuron and subspace analyses the study switched on, as report sections (tables written
+    beside the report as analysis-*.parquet, and .csv while short; figures as PNG)."""
+    from sweep.results.analyses import AnalysisSettings, run_analyses
+    from sweep.results.figures import iou_png, lape_png, snr_png
+
+    config = plan.analyses
+    on = {name: plan.analysis_enabled(name) for name in ("masks", "lape", "subspace")}
+    if not any(on.values()):
+        return []
+    lape_config, subspace_config = config.get("lape") or {}, config.get("subspace") or {}
+    settings = AnalysisSettings(lape_quantile=lape_config.get("lape_quantile", 0.01),
+                                activation_quantile=lape_config.get("activation_quantile", 0.95),
+                                subspace_rank=subspace_config.get("rank"))
+    result = run_analyses(study_dir, plan, finished, settings, on["masks"], on["lape"], on["subspace"])
+    written = {name: write_table(getattr(result, name), out_dir / "tables", f"analysis-{name}")
+               for name in ("mask_overlap", "neurons", "lape_hist", "snr", "layer_error")
+               if getattr(result, name).height}
+    sections: list[str] = []
+
+    def figure(png: bytes, slug: str, title: str) -> str:
+        (out_dir / "figures" / f"{slug}.png").write_bytes(png)
+        data = base64.b64encode(png).decode("ascii")
+        return (f"<figure><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{data}\">"
+                f"<figcaption>{html.escape(title)}</figcaption></figure>")
+
+    if on["masks"]:
+        sections += ["<h2>Pruning masks: overlap between calibration languages</h2>",
+                     "<p>IoU of the pruned positions of two masks (1: identical, 0: disjoint), over each layer's "
+                     f"matrices; per matrix in <code>tables/{written.get('mask_overlap', 'analysis-mask_overlap.parquet')}</code>.</p>"]
+        overlap = result.mask_overlap.filter(pl.col("matrix") == "all") if result.mask_overlap.height else result.mask_overlap
+        for model, pruner, sparsity in tables.groups:
+            group = overlap.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)
+                                   & (pl.col("sparsity") == sparsity)) if overlap.height else overlap
+            if group.height:
+                title = f"{model} / {pruner} {sparsity}: mask overlap"
+                sections.append(figure(iou_png(group, tables.languages, title),
+                                       slug(model, pruner, sparsity, "mask-iou"), title))
+        if result.layer_error.height:
+            sections += ["<h3>Layer-wise pruning error on held-out text</h3>",
+                         "<p>||WX - W'X||^2 / ||WX||^2 of each linear layer on the first held-out tokens of each "
+                         "target language, averaged over layers and matrices (lower keeps more); per layer and "
+                         f"matrix in <code>tables/{written['layer_error']}</code>.</p>"]
+            mean_error = (result.layer_error.group_by("model", "pruner", "sparsity", "calibration", "target")
+                          .agg(pl.col("relative_error").mean().alias("mean"))
+                          .with_columns(pl.lit("layer error").alias("task"), pl.lit("relative_error").alias("metric")))
+            for model, pruner, sparsity in tables.groups:
+                matrix = calibration_matrix(mean_error.lazy(), model, pruner, sparsity, "layer error",
+                                            "relative_error", tables.languages)
+                if matrix.height:
+                    title = f"{model} / {pruner} {sparsity}: mean layer-wise pruning error"
+                    sections.append(figure(heatmap_png(matrix, title, True),
+                                           slug(model, pruner, sparsity, "layer-error"), title))
+        if result.without_masks:
+            sections.append(f"<p class=note>No masks for {len(result.without_masks)} trial(s) (run with "
+                            f"analyses.masks off): {html.escape(', '.join(result.without_masks[:10]))}</p>")
+    if on["lape"] and result.neurons.height:
+        sections += ["<h2>Language-specific neurons (LAPE)</h2>",
+                     f"<p>A neuron is language-specific when its LAPE is in the lowest {settings.lape_quantile:g} "
+                     f"quantile and its activation probability reaches the dense model's "
+                     f"{settings.activation_quantile:g} quantile in some language. Against the dense model's "
+                     "language-specific neurons: how many survive pruning, vanish and appear.</p>",
+                     table_html(result.neurons.select("name", "dense", "pruned", "survive", "vanish", "appear",
+                                                      "mean_lape", "active_neurons"), limit=300)]
+        for model, pruner, sparsity in tables.groups:
+            hist = result.lape_hist.filter((pl.col("model") == model) & ((pl.col("pruner") == "dense") | (
+                (pl.col("pruner") == pruner) & (pl.col("sparsity") == sparsity))))
+            if hist.filter(pl.col("pruner") != "dense").height:
+                title = f"{model} / {pruner} {sparsity}: LAPE, dense vs pruned"
+                sections.append(figure(lape_png(hist, title), slug(model, pruner, sparsity, "lape"), title))
+    if on["subspace"] and result.snr.height:
+        sections += ["<h2>Latent subspaces: language-specific vs language-agnostic</h2>",
+                     "<p>SNR (dB) of each pruned model's per-language mean hidden state against the dense one, "
+                     "in the subspace spanned by the dense model's centred language means and in its complement; "
+                     "higher keeps more. Mean over calibration x target pairs per layer; per pair in "
+                     f"<code>tables/{written['snr']}</code>. Identical representations are +inf and left out of "
+                     "means.</p>"]
+        for model, pruner, sparsity in tables.groups:
+            group = result.snr.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)
+                                      & (pl.col("sparsity") == sparsity))
+            if group.height:
+                title = f"{model} / {pruner} {sparsity}: SNR per layer"
+                sections.append(figure(snr_png(group, title), slug(model, pruner, sparsity, "snr"), title))
+    if (on["lape"] or on["subspace"]) and result.without_statistics:
+        sections.append(f"<p class=note>No neuron or hidden-state statistics for {len(result.without_statistics)} "
+                        f"trial(s) (run with analyses.lape and analyses.subspace off): "
+                        f"{html.escape(', '.join(result.without_statistics[:10]))}</p>")
+    return sections
+
+
