@@ -42,7 +42,9 @@ LANGUAGES: dict[str, Language] = {
     for lang in [
         _lang("ar", "Arabic", "Arab", "ara", flores="arb_Arab"),
         _lang("de", "German", "Latn", "deu"),
-        _lang("en", "English", "Latn", "eng"),
+        # allenai/c4 config `en` is the original English C4 (en/c4-train.*); mC4's English is config
+        # `en-multi` (multilingual/c4-en.*), per the configs in the dataset's README.md.
+        _lang("en", "English", "Latn", "eng", mc4="en-multi"),
         _lang("es", "Spanish", "Latn", "spa"),
         _lang("ru", "Russian", "Cyrl", "rus"),
         _lang("sw", "Swahili", "Latn", "swa", flores="swh_Latn"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from engine.analyze.collect import StatisticsCollector
-from engine.data.calibration import WindowRequest, calibration_set
+from engine.data.calibration import WindowRequest, calibration_set, document_separator
 from engine.data.sources import TextSourceConfig, documents
 from engine.evaluate.suite import language_tokens, perplexity_of_tokens
 from engine.evaluate.tasks import TaskRequest, run_tasks
@@ -47,6 +47,8 @@ class CalibrationConfig:
     seq_len: int
     seed: int
     source_fingerprint: str | None = None
+    sampling: str = "packed"  # `published` (one window inside each long document) or `packed`
+    separator: str | None = None  # packed: the document separator token; None: chosen from the tokenizer
 
 
 @dataclass(frozen=True)
@@ -191,15 +193,20 @@ def _prune(config: TrialConfig, loaded: LoadedModel, timings: dict) -> dict:
     pruning = config.pruning
     pruner = make_pruner(pruning.method, pruning.params)
     calibration = None
+    sampling: dict = {}
     if pruner.needs_inputs:
         if config.calibration is None:
             raise ValueError(f"{pruning.method} needs calibration data; the trial has none")
         cal = config.calibration
         started = time.perf_counter()
         calibration = calibration_set(cal.source, loaded.tokenizer, cal.weights,
-                                      WindowRequest(cal.samples, cal.seq_len, cal.seed), config.cache_dir,
-                                      cal.source_fingerprint)
+                                      WindowRequest(cal.samples, cal.seq_len, cal.seed, cal.sampling, cal.separator),
+                                      config.cache_dir, cal.source_fingerprint)
         timings["calibration"] = time.perf_counter() - started
+        sampling = {"calibration_sampling": cal.sampling}
+        if cal.sampling == "packed":  # what joined the documents: a pretraining boundary, never a chat turn end
+            separator = document_separator(loaded.tokenizer, cal.separator)
+            sampling["calibration_separator"] = {"token": separator.token, "id": separator.id, "rule": separator.rule}
     started = time.perf_counter()
     try:
         report = prune_sequentially(loaded.model, pruner, parse_sparsity(pruning.sparsity), calibration,
@@ -217,6 +224,7 @@ def _prune(config: TrialConfig, loaded: LoadedModel, timings: dict) -> dict:
         "mean_layer_sparsity": sum(r.sparsity for r in report.layers) / max(1, len(report.layers)),
         "extra_dampening": report.extra_dampening,
         "peak_accelerator_bytes": report.peak_accelerator_bytes,
+        **sampling,
     }
     if config.save_masks and config.artifacts_dir is not None:
         path = Path(config.artifacts_dir) / "masks.safetensors"

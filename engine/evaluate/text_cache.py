@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from engine.io import atomic_path
+from engine.languages import get_language
 
 CACHE_VERSION = 2  # 2: max_tokens cuts at a character boundary
 
@@ -33,7 +34,9 @@ def evaluation_cache_path(source, tokenizer, language: str, max_tokens: int | No
         return None
     from engine.data.calibration import tokenizer_fingerprint
 
-    key = evaluation_cache_key(tokenizer_fingerprint(tokenizer), source.identity(), language, max_tokens)
+    # the config the template names for this language (`{mc4}` for English changed from C4's to mC4's)
+    identity = {**source.identity(), "resolved_config": source.config_for(get_language(language))}
+    key = evaluation_cache_key(tokenizer_fingerprint(tokenizer), identity, language, max_tokens)
     return Path(cache_dir) / "evaluation" / f"{key}.safetensors"
 
 

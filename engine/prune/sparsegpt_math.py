@@ -4,7 +4,8 @@ With H = sum_t x_t x_t^T over calibration inputs, pruning column i and compensat
 it is the optimal-brain-surgeon update w[i:] -= (w_i - q_i) / [H_(i)^-1]_00 * [H_(i)^-1]_0,: where
 H_(i) is H restricted to columns i.. . All those rows come at once from the upper Cholesky factor U of
 H^-1 (row i of U is the needed row scaled by 1/sqrt of its first entry), so one factorisation serves
-every column. Columns are processed in blocks whose updates to later columns are applied lazily, in
+every column. As published, the weights of inputs never active in calibration (zero Hessian diagonal)
+are zeroed first, and those inputs get an identity row in H. Columns are processed in blocks whose updates to later columns are applied lazily, in
 one matrix product per block. Masks are chosen per block from the already-updated weights by the OBS
 saliency w^2 / [H^-1]_ii^2 (unstructured: the lowest share of the block; N:M: the lowest N in each
 group of M of a row).
@@ -72,7 +73,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
     the per-column launches, not the arithmetic, bound this loop."""
     rows, cols = weight.shape
     upper, damp, retries = _checked_factor(weight, hessian, sparsity, blocksize, dampening, max_retries)
-    w = weight.detach().to(device=upper.device, dtype=torch.float32).clone()
+    w = _zero_dead_inputs(weight.detach().to(device=upper.device, dtype=torch.float32).clone(), hessian)
     mask = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
@@ -101,6 +102,16 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
         w[:, end:] -= errors.t() @ upper[start:end, end:]
     w[mask] = 0.0
     return SparseGPTOutput(weight=w, mask=mask, dampening=damp, retries=retries)
+
+
+def _zero_dead_inputs(w: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """As published (sparsegpt.py `fasterprune`: `W[:, dead] = 0`): the weights of inputs never active in
+    calibration (zero Hessian diagonal) are zeroed before the masks are chosen, so those entries have
+    saliency 0, are pruned first and count towards the pruned share."""
+    dead = torch.diagonal(hessian) == 0
+    if bool(dead.any()):
+        w[:, dead.to(w.device)] = 0.0
+    return w
 
 
 def _checked_factor(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity, blocksize: int,
@@ -167,7 +178,7 @@ def sparsegpt_prune_columnwise(weight: torch.Tensor, hessian: torch.Tensor, spar
     reference `sparsegpt_prune` is tested against, and the "before" of benchmarks/sparsegpt_speed.py."""
     rows, cols = weight.shape
     upper, damp, retries = _checked_factor(weight, hessian, sparsity, blocksize, dampening, max_retries)
-    w = weight.detach().to(device=upper.device, dtype=torch.float32).clone()
+    w = _zero_dead_inputs(weight.detach().to(device=upper.device, dtype=torch.float32).clone(), hessian)
     mask = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)

@@ -1,6 +1,7 @@
 """Checks that need the models' tokenizers, run before any trial starts: is there enough calibration text?
 
-A local source holds a fixed amount of text; a mix's language gets only its share of the samples, and
+A local source holds a fixed amount of text (for `sampling: published`, a number of documents longer
+than seq_len); a mix's language gets only its share of the samples, and
 each tokenizer splits text differently. Counting stops as soon as a language has what the study needs,
 so a large corpus is not read in full. Hub sources (mC4: billions of tokens) are not counted.
 """
@@ -33,18 +34,29 @@ def check_calibration_text(study: Study, tokenizers: dict[str, object]) -> None:
     source = text_source(study, cal.source)
     problems = []
     counted: dict[tuple[int, str], int] = {}
+    published = cal.sampling == "published"
     for label, tokenizer in tokenizers.items():
         for code, need in needed_tokens(study).items():
             cache_key = (id(tokenizer), code)
+            if published:  # one document longer than seq_len per sample, not a number of tokens
+                need //= cal.seq_len
             if cache_key not in counted:
                 total = 0
                 for text in documents(source, get_language(code), seed=None):
-                    total += len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) + 1
+                    length = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+                    total += int(length > cal.seq_len) if published else length + 1
                     if total >= need:
                         break
                 counted[cache_key] = total
             have = counted[cache_key]
-            if have < need:
+            if have < need and published:
+                where = f"calibration.languages ({code})"
+                problems.append(Problem(where, f"{source.describe(get_language(code))} holds {have} documents "
+                                               f"longer than {cal.seq_len} tokens for {label}'s tokenizer; "
+                                               f"`sampling: published` takes each of {need} windows of {code} "
+                                               f"from its own. Lower seq_len, add longer documents, or use "
+                                               f"`sampling: packed`."))
+            elif have < need:
                 where = f"calibration.languages ({code})"
                 problems.append(Problem(where, f"{source.describe(get_language(code))} holds {have} tokens for "
                                                f"{label}'s tokenizer; {cal.samples} samples x {cal.seq_len} tokens "

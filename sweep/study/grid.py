@@ -2,7 +2,8 @@
 
 A trial key is `v<KEY_VERSION>-` + a hash of the canonical JSON of only what changes the trial's
 result: the model (hub id and revision, or a local model's content fingerprint) and its dtype; the
-calibration source, language or mix, samples, sequence length and seed; the pruner with all its
+calibration source, language or mix, samples, sequence length and seed (and the sampling rule and
+separator when not the defaults); the pruner with all its
 parameters (defaults filled in) and targets; the sparsity; and the evaluation suite. Labels, batch
 sizes, devices, retries and output directories are left out, so changing them never re-runs work.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from engine.data.local_files import find_language_files
 from engine.fingerprint import files_fingerprint, model_dir_fingerprint
+from engine.languages import get_language
 from engine.prune.params import PRUNER_PARAMS
 from engine.prune.sparsity import Sparsity, parse_sparsity
 from sweep.study.load import LanguageMix, Study
@@ -110,8 +112,16 @@ class _Identities:
 
     def text_source(self, source: TextSource, languages: tuple[str, ...]) -> dict[str, Any]:
         if source.kind == "hub":
-            return {"hub": source.dataset, "config": source.config or "{lang}", "revision": source.revision or "main",
-                    "split": source.split or "train", "text_field": source.text_field}
+            identity = {"hub": source.dataset, "config": source.config or "{lang}", "revision": source.revision or "main",
+                        "split": source.split or "train", "text_field": source.text_field}
+            if source.config and "{mc4}" in source.config:
+                # The configs `{mc4}` names where they are not the ISO code: English became `en-multi` (mC4's
+                # English, not C4's), so trials that read it must not match results from the old mapping.
+                renamed = {code: get_language(code).mc4 for code in sorted(languages)
+                           if get_language(code).mc4 not in (None, code)}
+                if renamed:
+                    identity["mc4_configs"] = renamed
+            return identity
         root = self.study.resolve(source.path)
         files = [f for code in languages for f in find_language_files(root, code, source.split)]
         return {"local": files_fingerprint(files, root), "split": source.split, "text_field": source.text_field}
@@ -182,6 +192,11 @@ def expand(study: Study) -> Plan:
                             "seq_len": cal.seq_len,
                             "seed": seed,
                         }
+                        # Only when not the default, so that packed studies keep the keys they had before.
+                        if cal.sampling != "packed":
+                            calibration["sampling"] = cal.sampling
+                        if cal.separator is not None:
+                            calibration["separator"] = cal.separator
                         add({**pruned, "calibration": calibration}, model_index=m, model_label=model.label,
                             pruner_label=pruner.label, sparsity=sparsity, calibration=mix, seed=seed)
     return Plan(study=study, trials=tuple(trials))

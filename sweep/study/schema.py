@@ -7,7 +7,17 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from engine.prune.sparsity import Sparsity, parse_sparsity
 
@@ -86,6 +96,20 @@ class CalibrationSpec(Strict):
     seq_len: StrictInt = Field(2048, gt=0, le=1_048_576, description="tokens per calibration window")
     seeds: list[StrictInt] = Field(
         default_factory=lambda: [0], min_length=1, description="one trial per seed; the seed orders the documents")
+    sampling: Literal["published", "packed"] = Field(
+        "packed", description="`published`: as the Wanda and SparseGPT C4 loaders, each window one random "
+                              "stretch inside its own random document longer than seq_len (too few such "
+                              "documents is an error); `packed`: documents joined at pretraining document "
+                              "boundaries and cut into consecutive windows")
+    separator: StrictStr | None = Field(
+        None, description="packed: the token that separated documents in pretraining (Llama 3: its "
+                          "end_of_text token); default: chosen from the tokenizer, never a chat end-of-turn token")
+
+    @model_validator(mode="after")
+    def _separator_only_when_packed(self) -> CalibrationSpec:
+        if self.separator is not None and self.sampling != "packed":
+            raise ValueError("`separator` applies only to `sampling: packed`; published windows hold no separator")
+        return self
 
 
 SparsityValue = StrictFloat | StrictInt | StrictStr

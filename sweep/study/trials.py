@@ -81,7 +81,8 @@ def trial_config(study: Study, trial: TrialSpec, artifacts_dir: Path | None = No
             files = [f for code in trial.calibration.codes for f in find_language_files(source.path, code, source.split)]
             fingerprint = files_fingerprint(files, source.path)
         calibration = CalibrationConfig(source=source, weights=trial.calibration.weights, samples=cal.samples,
-                                        seq_len=cal.seq_len, seed=trial.seed, source_fingerprint=fingerprint)
+                                        seq_len=cal.seq_len, seed=trial.seed, source_fingerprint=fingerprint,
+                                        sampling=cal.sampling, separator=cal.separator)
     return TrialConfig(key=trial.key, name=trial.name, evaluation=evaluation, pruning=pruning, calibration=calibration,
                        artifacts_dir=artifacts_dir, save_masks=masks.enabled and masks.save_masks,
                        mask_sample=masks.sample_bits if masks.enabled and not masks.save_masks else None,

@@ -14,11 +14,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from engine.data.calibration import (
+    MAX_DOCUMENTS_PER_SAMPLE,
+    NoDocumentSeparator,
     NotEnoughText,
+    TooFewLongDocuments,
     WindowRequest,
+    calibration_cache_path,
     calibration_set,
+    document_separator,
     language_seed,
     pack_windows,
+    published_windows,
     split_budget,
 )
 from engine.data.sources import MissingLanguageText, TextSourceConfig, documents
@@ -246,3 +252,194 @@ def test_preflight_reports_short_text_before_any_trial(tokenizer, corpus, tmp_pa
     messages = [str(p) for p in err.value.problems]
     assert any("(en)" in m and "4000 samples x 64 tokens need 256000 of en" in m for m in messages)
     assert any("(sw)" in m and "need 64000 of sw" in m for m in messages)
+
+
+# published sampling ---------------------------------------------------------------------------------
+
+def long_corpus(root: Path, long_docs: int = 30, short_docs: int = 30) -> Path:
+    """Per language, documents of 40-80 words (longer than the windows below) among short ones."""
+    g = torch.Generator().manual_seed(5)
+    for lang, words in WORDS.items():
+        (root / lang).mkdir(parents=True, exist_ok=True)
+        with open(root / lang / "calibration.jsonl", "w", encoding="utf-8") as handle:
+            for i in range(long_docs + short_docs):
+                n = int(torch.randint(40, 80, (1,), generator=g)) if i < long_docs else 3
+                text = " ".join(words[int(j)] for j in torch.randint(0, len(words), (n,), generator=g))
+                handle.write(json.dumps({"text": f"{i} {text}"}, ensure_ascii=False) + "\n")
+    return root
+
+
+def _inside(window: list[int], document: list[int]) -> bool:
+    n = len(window)
+    return any(document[i:i + n] == window for i in range(len(document) - n + 1))
+
+
+def test_published_windows_lie_inside_single_documents(tokenizer, tmp_path):
+    corpus = long_corpus(tmp_path / "corpus")
+    own_ids = [tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in documents(local(corpus), get_language("en"), seed=None)]
+    request = WindowRequest(8, 24, seed=0, sampling="published")
+    windows = calibration_set(local(corpus), tokenizer, [("en", 1.0)], request)
+    assert windows.shape == (8, 24)
+    assert not bool((windows == tokenizer.eos_token_id).any())
+    sources = []
+    for row in windows.tolist():
+        holders = [i for i, ids in enumerate(own_ids) if _inside(row, ids)]
+        assert holders, "a published window crosses a document boundary"
+        assert all(len(own_ids[i]) > 24 for i in holders)
+        sources.append(holders[0])
+    assert len(set(sources)) == 8  # one document per sample
+
+
+def test_published_windows_are_seeded(tokenizer, tmp_path):
+    corpus = long_corpus(tmp_path / "corpus")
+    def draw(seed):
+        return calibration_set(local(corpus), tokenizer, [("de", 0.5), ("en", 0.5)],
+                               WindowRequest(6, 20, seed=seed, sampling="published"))
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+    packed = calibration_set(local(corpus), tokenizer, [("de", 0.5), ("en", 0.5)], WindowRequest(6, 20, seed=0))
+    assert not torch.equal(draw(0), packed)
+
+
+def test_published_window_start_is_drawn_as_in_the_published_loaders(tokenizer):
+    """One window per document longer than seq_len (`>`), start = randint(0, len - seq_len - 1)."""
+    import random
+
+    docs = ["the mill", " ".join(["the river carries light stones"] * 20), "quiet",
+            " ".join(["every spring morning past the mill"] * 20)]
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    windows = published_windows(iter(docs), encode, WindowRequest(2, 10, seed=42, sampling="published"))
+    rng = random.Random(42)
+    expected = []
+    for doc in (docs[1], docs[3]):
+        ids = encode(doc)
+        start = rng.randint(0, len(ids) - 10 - 1)
+        expected.append(ids[start:start + 10])
+    assert windows.tolist() == expected
+
+
+def test_too_few_long_documents_is_refused_naming_the_language(tokenizer, tmp_path):
+    corpus = long_corpus(tmp_path / "corpus", long_docs=3)
+    with pytest.raises(TooFewLongDocuments, match=r"local text for sw .*: 3 of the 33 documents read are longer than "
+                                                   r"24 tokens.*sampling: packed"):
+        calibration_set(local(corpus), tokenizer, [("sw", 1.0)], WindowRequest(8, 24, 0, sampling="published"))
+    assert issubclass(TooFewLongDocuments, NotEnoughText)
+
+
+def test_published_reading_is_bounded(tokenizer):
+    consumed = []
+
+    def endless_short_documents():
+        while True:
+            consumed.append(1)
+            yield "the mill"
+
+    with pytest.raises(TooFewLongDocuments, match="the bound"):
+        published_windows(endless_short_documents(), lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
+                          WindowRequest(2, 16, 0, sampling="published"))
+    assert len(consumed) == 2 * MAX_DOCUMENTS_PER_SAMPLE
+
+
+# the packed separator -------------------------------------------------------------------------------
+
+def chat_tokenizer(eos: str, specials: list[str], template_tokens: list[str], bos: str | None = None,
+                   with_template: bool = True) -> PreTrainedTokenizerFast:
+    """A small tokenizer with a chat model's special tokens (as Llama 3, SmolLM2, Aya 23, Gemma have)."""
+    model = Tokenizer(models.BPE(unk_token=None))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    model.train_from_iterator([" ".join(w) for w in WORDS.values()] * 5, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=model, eos_token=eos, bos_token=bos)
+    if with_template:
+        turn = "".join(template_tokens)
+        wrapped.chat_template = ("{{ bos_token }}{% for m in messages %}" + template_tokens[0] + "{{ m['role'] }}"
+                                 "{{ m['content'] }}" + turn[len(template_tokens[0]):] + "{% endfor %}")
+    return wrapped
+
+
+CHAT_TOKENIZERS = {
+    # name: (eos, special tokens, tokens written in the chat template, bos, expected boundary)
+    "llama3-instruct": ("<|eot_id|>", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                       "<|end_header_id|>", "<|eot_id|>"],
+                        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>",
+                        "<|end_of_text|>"),
+    "smollm2-instruct": ("<|im_end|>", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                         ["<|im_start|>", "<|im_end|>"], "<|im_start|>", "<|endoftext|>"),
+    "aya23": ("<|END_OF_TURN_TOKEN|>", ["<BOS_TOKEN>", "<EOS_TOKEN>", "<|START_OF_TURN_TOKEN|>",
+                                        "<|END_OF_TURN_TOKEN|>", "<|CHATBOT_TOKEN|>"],
+              ["<|START_OF_TURN_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|END_OF_TURN_TOKEN|>"], "<BOS_TOKEN>", "<EOS_TOKEN>"),
+    "gemma-it": ("<end_of_turn>", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
+                 ["<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>"),
+    "base": ("<|endoftext|>", ["<|endoftext|>"], [], None, "<|endoftext|>"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_TOKENIZERS))
+@pytest.mark.parametrize("with_template", [True, False])
+def test_packed_separator_is_a_pretraining_boundary_never_a_chat_turn_end(name, with_template, tmp_path):
+    eos, specials, template_tokens, bos, expected = CHAT_TOKENIZERS[name]
+    tok = chat_tokenizer(eos, specials, template_tokens or ["<|endoftext|>"], bos, with_template and bool(template_tokens))
+    separator = document_separator(tok)
+    assert separator.token == expected and separator.id == tok.convert_tokens_to_ids(expected)
+    windows = calibration_set(local(make_corpus(tmp_path / "corpus")), tok, [("en", 1.0)], WindowRequest(4, 64, 0))
+    assert bool((windows == separator.id).any())
+    for turn_token in template_tokens:
+        assert not bool((windows == tok.convert_tokens_to_ids(turn_token)).any())
+
+
+def test_separator_override_and_refusals():
+    eos, specials, template_tokens, bos, _ = CHAT_TOKENIZERS["llama3-instruct"]
+    tok = chat_tokenizer(eos, specials, template_tokens, bos)
+    assert document_separator(tok, "<|begin_of_text|>").token == "<|begin_of_text|>"
+    with pytest.raises(NoDocumentSeparator, match="not one token"):
+        document_separator(tok, "<|no_such_token|>")
+    with pytest.raises(NoDocumentSeparator, match="marks chat turns"):
+        document_separator(tok, "<|eot_id|>")
+    only_turns = chat_tokenizer("<|im_end|>", ["<|im_start|>", "<|im_end|>"], ["<|im_start|>", "<|im_end|>"])
+    with pytest.raises(NoDocumentSeparator, match="Set `calibration.separator`"):
+        document_separator(only_turns)
+    with pytest.raises(NoDocumentSeparator):
+        calibration_set(TextSourceConfig(kind="local", path=Path("/nonexistent")), only_turns, [("en", 1.0)],
+                        WindowRequest(1, 8, 0))
+
+
+def test_cache_key_tells_sampling_and_separator_apart(tokenizer, tmp_path):
+    source = local(tmp_path)
+    paths = {calibration_cache_path(source, tokenizer, [("en", 1.0)], WindowRequest(4, 16, 0, sampling=s), tmp_path)
+             for s in ("packed", "published")}
+    eos, specials, template_tokens, bos, _ = CHAT_TOKENIZERS["llama3-instruct"]
+    tok = chat_tokenizer(eos, specials, template_tokens, bos)
+    paths |= {calibration_cache_path(source, tok, [("en", 1.0)], WindowRequest(4, 16, 0, separator=s), tmp_path)
+              for s in (None, "<|begin_of_text|>")}
+    assert len(paths) == 4
+    with pytest.raises(ValueError, match="sampling 'random'"):
+        WindowRequest(4, 16, 0, sampling="random")
+
+
+def test_preflight_counts_long_documents_for_published_sampling(tokenizer, tmp_path):
+    import yaml
+
+    from sweep.plan.preflight import check_calibration_text
+    from sweep.study.load import load_study
+    from sweep.study.problems import StudyInvalid
+
+    corpus = long_corpus(tmp_path / "corpus", long_docs=5)
+    study_data = {
+        "name": "published",
+        "models": [{"name": "m", "hub": "org/m", "revision": "r"}],
+        "calibration": {"source": {"kind": "local", "path": str(corpus), "split": "calibration"},
+                        "languages": ["en"], "samples": 5, "seq_len": 24, "seeds": [0], "sampling": "published"},
+        "pruners": [{"method": "wanda", "sparsity": 0.5}],
+        "evaluation": {"languages": ["en"], "perplexity": {"source": {"kind": "local", "path": str(corpus),
+                                                                        "split": "calibration"}, "window": 32}},
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study_data))
+    check_calibration_text(load_study(path), {"m": tokenizer})  # 5 long documents for 5 samples
+    study_data["calibration"]["samples"] = 6  # 35 documents, 35 x 24 tokens: enough for packed, not published
+    path.write_text(yaml.safe_dump(study_data))
+    with pytest.raises(StudyInvalid, match=r"holds 5 documents longer than 24 tokens"):
+        check_calibration_text(load_study(path), {"m": tokenizer})

@@ -172,6 +172,26 @@ def test_sparsegpt_reconstructs_better_than_masking_alone():
     assert errors["sparsegpt"] <= errors["wanda"] <= errors["magnitude"]
 
 
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
+@pytest.mark.parametrize("prune", [sparsegpt_prune, sparsegpt_prune_columnwise])
+def test_dead_inputs_are_zeroed_before_pruning_as_published(prune, sparsity):
+    """sparsegpt.py `fasterprune`: `dead = diag(H) == 0; W[:, dead] = 0` before the masks are chosen. The
+    dead columns end at zero even where the mask cannot take them all (here more dead inputs than a 2:4
+    group or a 50% block prunes); the mask, chosen on the zeroed weights, takes dead entries first
+    (saliency 0) and keeps exactly the target share."""
+    sparsity = parse_sparsity(sparsity)
+    weight = torch.randn(16, 32, generator=torch.Generator().manual_seed(11))
+    x = correlated_inputs(256, 32, seed=12).float()
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[0, 1, 2, 5, 6, 7, 9, 10, 11, 13]] = True  # 10 of the first block's 16 inputs, 3 of 4 in groups
+    x[:, dead] = 0
+    out = prune(weight, x.T @ x, sparsity, blocksize=16)
+    assert bool((out.weight[:, dead] == 0).all())
+    assert int(out.mask.sum()) == round(weight.numel() * sparsity.fraction)
+    assert not bool(out.mask[:, [3, 4, 8]].any())  # live inputs beside more dead ones than are pruned: all kept
+    assert bool((out.weight[out.mask] == 0).all())
+
+
 def test_failed_cholesky_retries_with_more_dampening():
     hessian = torch.eye(32)
     hessian[-1, -1] = -0.05  # indefinite: 1% of the mean diagonal does not fix it, 10% does

@@ -50,6 +50,9 @@ def test_pruned_trial_reports_and_restores(tiny, tmp_path):
     result = run_trial(config(assets, PruningConfig("wanda", "0.5"), tmp=tmp_path), loaded)
     assert result["pruning"]["mean_layer_sparsity"] == 0.5
     assert result["pruning"]["statistics_computed"] < result["pruning"]["layers_pruned"]
+    assert result["pruning"]["calibration_sampling"] == "packed"  # what joined the documents, recorded
+    assert result["pruning"]["calibration_separator"] == {"token": loaded.tokenizer.eos_token,
+                                                          "id": loaded.tokenizer.eos_token_id, "rule": "eos"}
     assert (tmp_path / "masks.safetensors").is_file()
     bpb = {r["language"]: r["value"] for r in result["metrics"] if r["metric"] == "bits_per_byte"}
     assert set(bpb) == {"en", "sw"} and all(math.isfinite(v) for v in bpb.values())

@@ -21,10 +21,12 @@ def keys(tmp_path, data) -> dict[str, str]:
 
 
 # One trial of the reference study, pinned: if this changes, old study directories stop matching.
-# Change it only together with KEY_VERSION.
+# Change it only together with KEY_VERSION, or when the reference study itself changes what it computes
+# (last: `sampling: published`, and English from mC4's `en-multi` instead of C4's `en`, which changes
+# the text of every trial; keys of unchanged studies stay as they were).
 PINNED = {
-    "llama3-8b-instruct.dense": "v1-222c2a8e24643f32d847",
-    "llama3-8b-instruct.wanda.s50.cal-ar.seed0": "v1-3b186888b29b20303073",
+    "llama3-8b-instruct.dense": "v1-e2f677aeb4a424d1ac99",
+    "llama3-8b-instruct.wanda.s50.cal-ar.seed0": "v1-f16edadb09adf2c0210e",
 }
 
 
@@ -94,6 +96,7 @@ def test_key_order_in_file_does_not_matter(tmp_path, hub_study):
         ("models.0.max_seq_len", 8192),
         ("models.0.trust_remote_code", True),
         ("description", "other words"),
+        ("calibration.sampling", "packed"),  # the default, spelled out: keys from before the option stay valid
         ("analyses", {"lape": {"enabled": True}, "masks": {"enabled": True}}),
     ],
 )
@@ -109,6 +112,8 @@ def test_fields_that_do_not_change_results_keep_keys(tmp_path, hub_study, field,
         ("calibration.samples", 32, ".cal-"),
         ("calibration.seq_len", 512, ".cal-"),
         ("calibration.source.revision", "r2", ".cal-"),
+        ("calibration.sampling", "published", ".cal-"),
+        ("calibration.separator", "<|end_of_text|>", ".cal-"),
         ("pruners.1.params", {"blocksize": 32}, ".sparsegpt."),
         ("pruners.0.targets", ["mlp"], ".wanda."),
         ("evaluation.perplexity.window", 128, ""),
@@ -168,3 +173,24 @@ def test_local_model_key_follows_content_not_path(tmp_path, hub_study, local_mod
     model.save_pretrained(moved)
     retrained = keys(tmp_path, mutate(study, "models.0.path", str(moved)))
     assert {n for n in before if before[n] != retrained[n]} == {n for n in before if n.startswith("m1.")}
+
+
+def test_english_is_read_from_mc4_and_the_key_names_the_config(tmp_path, hub_study):
+    """allenai/c4 config `en` is the original English C4; mC4's English is `en-multi` (the dataset's
+    README configs). `{mc4}` names mC4's, and the key records it, so results of the old mapping never match."""
+    from engine.languages import get_language
+
+    assert get_language("en").mc4 == "en-multi" and get_language("de").mc4 == "de"
+    study = load_study(write_study(tmp_path, hub_study))
+    trials = {t.name: t for t in expand(study).trials}
+    assert trials["m1.wanda.s50.cal-en.seed0"].payload()["calibration"]["source"]["mc4_configs"] == {"en": "en-multi"}
+    assert "mc4_configs" not in trials["m1.wanda.s50.cal-de.seed0"].payload()["calibration"]["source"]
+    assert trials["m1.dense"].payload()["evaluation"]["perplexity"]["source"]["mc4_configs"] == {"en": "en-multi"}
+
+
+def test_separator_only_with_packed_sampling(tmp_path, hub_study):
+    from sweep.study.problems import StudyInvalid
+
+    with pytest.raises(StudyInvalid, match="separator"):
+        load_study(write_study(tmp_path, mutate(mutate(hub_study, "calibration.sampling", "published"),
+                                                "calibration.separator", "<|end_of_text|>")))

@@ -50,8 +50,13 @@ def _per_tokenizer(kind: str, item_name: str, models: tuple[str, ...], tokenizer
                               detail=f"for {', '.join(missing)}: the model's tokenizer is not available"))
     for labels in groups.values():
         tokenizer = tokenizers[labels[0]]
-        path = cache_path(tokenizer)
         started = time.perf_counter()
+        try:
+            path = cache_path(tokenizer)
+        except Exception as err:  # noqa: BLE001 - e.g. no document separator for this tokenizer
+            out.append(ItemResult(kind, item_name, "failed", error=f"{what} for {', '.join(labels)}: "
+                                                                  f"{type(err).__name__}: {str(err)[:300]}"))
+            continue
         if path.is_file():
             out.append(ItemResult(kind, item_name, "cached", _file_bytes(path), detail=detail(labels)))
             continue
@@ -75,8 +80,8 @@ def prefetch_calibration(item: CalibrationItem, tokenizers: dict, fingerprints: 
     from engine.data.calibration import WindowRequest, calibration_cache_path, calibration_set
 
     cal = item.config
-    request = WindowRequest(cal.samples, cal.seq_len, cal.seed)
-    size = f"{cal.samples} x {cal.seq_len} tokens"
+    request = WindowRequest(cal.samples, cal.seq_len, cal.seed, cal.sampling, cal.separator)
+    size = f"{cal.samples} x {cal.seq_len} tokens, {cal.sampling}"
 
     def build(tokenizer) -> str:
         calibration_set(cal.source, tokenizer, cal.weights, request, cache_dir, cal.source_fingerprint)
