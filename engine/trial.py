@@ -94,6 +94,7 @@ class TrialConfig:
     save_masks: bool = False  # full bit-packed masks (masks.safetensors)
     mask_sample: int | None = None  # or each mask at this many fixed positions (mask_sample.safetensors)
     collect_statistics: bool = False  # per-language neuron activity and hidden means (the LAPE and subspace analyses)
+    token_sample: int = 0  # with collect_statistics: hidden states of this many sampled tokens per language and layer
     layer_error_tokens: int | None = None  # pruned trials: each linear's output error on this many tokens per language
     save_model: bool = False  # pruned trials: the pruned model in Hugging Face format under artifacts_dir/model
     device: str = "cpu"
@@ -248,7 +249,7 @@ def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict, result: d
         if config.collect_statistics or errors:
             collector = StatisticsCollector(loaded.model, neurons=config.collect_statistics,
                                             dense_weight=loaded.snapshot.weight if errors else None,
-                                            error_tokens=errors or 0)
+                                            error_tokens=errors or 0, token_sample=config.token_sample)
         for lang in ev.languages:
             ids, n_bytes = loaded.evaluation_tokens(ev.perplexity, lang, config.cache_dir)
             with collector.collect(lang) if collector else contextlib.nullcontext():

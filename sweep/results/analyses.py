@@ -5,13 +5,15 @@ trial left in the study directory: bit-packed masks (masks.safetensors) and per-
 Tables:
 - mask_overlap:  (model, pruner, sparsity, seed, calibration a, calibration b, layer) -> IoU of the pruned
                  positions, per layer over all its matrices (matrix "all") and per matrix
-- neurons:       per trial -> language-specific neurons of the dense model that survive, vanish, appear;
-                 mean LAPE; and per language the specific neurons it owns
+- neurons:       per trial and threshold_from (own, dense; one row "both" where they agree) ->
+                 language-specific neurons of the dense model that survive, vanish, appear; mean LAPE;
+                 and per language the neurons assigned to it (Tang et al.'s identify.py)
 - lape_hist:     per trial (dense included) -> histogram of LAPE over the active neurons
 - layer_error:   (pruned trial, target language, layer, matrix) -> ||WX - W'X||^2 / ||WX||^2 on the
                  first held-out tokens of the target language
-- snr:           (pruned trial, target language, layer) -> SNR in dB of the pruned hidden-state mean
-                 against the dense one in the language-specific and the language-agnostic subspace
+- snr:           (pruned trial, target language, layer, variant) -> SNR in dB of the pruned hidden states
+                 against the dense ones in LSAR's language-specific subspace (rank r) and its complement;
+                 variant "centroid" (per-language means) or "token" (the sampled tokens, where both have them)
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ from engine.analyze.metrics import (
     neuron_changes,
     neuron_summary,
     packed_iou,
-    quantile,
+    probability_threshold,
     subspace_snrs,
+    token_subspace_snrs,
 )
 from sweep.store.records import PlannedTrial, PlanRecord
 from sweep.store.study_store import StudyStore
@@ -46,8 +49,9 @@ LAPE_BINS = 24
 
 @dataclass
 class AnalysisSettings:
-    lape_quantile: float = 0.01
-    activation_quantile: float = 0.95
+    lape_quantile: float = 0.01  # Tang et al.'s top_rate: the share of all neurons selected by lowest LAPE
+    activation_quantile: float = 0.95  # their filter_rate and activation_bar_ratio (order statistic)
+    threshold_from: str = "own"  # "own": each model's own threshold; "dense": the dense model's for all
     subspace_rank: int | None = None
 
 
@@ -140,24 +144,35 @@ def _statistics(trials: list[PlannedTrial], artifacts: _Artifacts) -> tuple[dict
 
 
 def neuron_tables(trials: list[PlannedTrial], stats: dict, settings: AnalysisSettings) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Tang et al.'s language-specific neurons of every model (docs/analyses.md), under both threshold
+    readings: the configured `threshold_from` first, the other after it; one row `both` where the two
+    thresholds are equal (always for the dense model), since the selections then are too."""
+    if settings.threshold_from not in ("own", "dense"):
+        raise ValueError(f"threshold_from must be 'own' or 'dense', not {settings.threshold_from!r}")
+    readings = [settings.threshold_from, "dense" if settings.threshold_from == "own" else "own"]
     neuron_rows, hist_rows = [], []
     dense_by_model = {t.model: t for t in trials if t.dense and "active" in stats.get(t.key, (0, {}))[1]}
     for model, dense_trial in dense_by_model.items():
         languages, dense = stats[dense_trial.key]
         p_dense = activation_probability(dense["active"], dense["tokens"])
-        threshold = quantile(p_dense, settings.activation_quantile)
-        specific_dense = language_specific(p_dense, lape(p_dense), settings.lape_quantile, threshold)
+        dense_threshold = probability_threshold(p_dense, settings.activation_quantile)
+        specific_dense = language_specific(p_dense, settings.lape_quantile, dense_threshold).any(dim=0)
         for t in [dense_trial, *[t for t in trials if t.model == model and not t.dense and t.key in stats]]:
             t_languages, values = stats[t.key]
             if t_languages != languages or "active" not in values:
                 continue  # measured on other target languages: not comparable
             p = activation_probability(values["active"], values["tokens"])
             entropy = lape(p)
-            specific = language_specific(p, entropy, settings.lape_quantile, threshold)
-            summary = neuron_summary(p, entropy, specific, threshold)
-            neuron_rows.append({**_fields(t), **neuron_changes(specific_dense, specific), "threshold": threshold,
-                                "mean_lape": summary.mean_lape, "active_neurons": summary.active_neurons,
-                                **{f"specific_{lang}": n for lang, n in zip(languages, summary.specific_per_language)}})
+            thresholds = {"own": probability_threshold(p, settings.activation_quantile), "dense": dense_threshold}
+            same = thresholds["own"] == thresholds["dense"]
+            for reading in readings[:1] if same else readings:
+                threshold = thresholds[reading]
+                assigned = language_specific(p, settings.lape_quantile, threshold)
+                summary = neuron_summary(entropy, assigned)
+                neuron_rows.append({**_fields(t), "threshold_from": "both" if same else reading,
+                                    **neuron_changes(specific_dense, assigned.any(dim=0)), "threshold": threshold,
+                                    "mean_lape": summary.mean_lape, "active_neurons": summary.active_neurons,
+                                    **{f"specific_{lang}": n for lang, n in zip(languages, summary.specific_per_language)}})
             for low, high, neurons in lape_histogram(entropy, len(languages), LAPE_BINS):
                 hist_rows.append({**_fields(t), "bin_low": low, "bin_high": high, "neurons": neurons})
     return pl.DataFrame(neuron_rows, infer_schema_length=None), pl.DataFrame(hist_rows, infer_schema_length=None)
@@ -172,11 +187,35 @@ def snr_table(trials: list[PlannedTrial], stats: dict, settings: AnalysisSetting
             if (t.model != model or t.dense or t.key not in stats or stats[t.key][0] != languages
                     or "hidden_mean" not in stats[t.key][1]):
                 continue
-            for i, layer, specific, agnostic, rank in subspace_snrs(dense["hidden_mean"], stats[t.key][1]["hidden_mean"],
+            pruned = stats[t.key][1]
+            for i, layer, specific, agnostic, rank in subspace_snrs(dense["hidden_mean"], pruned["hidden_mean"],
                                                                    settings.subspace_rank):
-                rows.append({**_fields(t), "target": languages[i], "layer": layer, "snr_specific_db": specific,
-                             "snr_agnostic_db": agnostic, "rank": rank})
-    return pl.DataFrame(rows, infer_schema_length=None)
+                rows.append({**_fields(t), "target": languages[i], "layer": layer, "variant": "centroid",
+                             "rank": rank, "tokens": int(pruned["tokens"][i]), "snr_specific_db": specific,
+                             "snr_agnostic_db": agnostic})
+            counts = _aligned_token_samples(dense, pruned)
+            if counts is None:
+                continue  # no sample in one of them (older statistics, token_sample 0) or not the same tokens
+            for i, layer, specific, agnostic, rank in token_subspace_snrs(
+                    dense["hidden_mean"], dense["token_sample"], pruned["token_sample"], counts, settings.subspace_rank):
+                rows.append({**_fields(t), "target": languages[i], "layer": layer, "variant": "token",
+                             "rank": rank, "tokens": counts[i], "snr_specific_db": specific,
+                             "snr_agnostic_db": agnostic})
+    schema = {"target": pl.String, "layer": pl.Int64, "variant": pl.String, "rank": pl.Int64, "tokens": pl.Int64,
+              "snr_specific_db": pl.Float64, "snr_agnostic_db": pl.Float64}
+    return pl.DataFrame(rows, infer_schema_length=None, schema_overrides=schema) if rows else pl.DataFrame()
+
+
+def _aligned_token_samples(dense: dict, pruned: dict) -> list[int] | None:
+    """Per language, how many sampled tokens the dense and the pruned trial share (the same token ids at
+    the same positions); None when either has no sample or the samples differ."""
+    names = ("token_sample", "token_sample_count", "token_sample_ids", "token_sample_positions")
+    if not all(name in dense and name in pruned for name in names):
+        return None
+    if dense["token_sample"].shape != pruned["token_sample"].shape or not all(
+            dense[name].equal(pruned[name]) for name in names[1:]):
+        return None
+    return dense["token_sample_count"].tolist()
 
 
 def layer_error_table(trials: list[PlannedTrial], stats: dict) -> pl.DataFrame:

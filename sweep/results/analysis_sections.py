@@ -27,6 +27,7 @@ def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: S
     lape_config, subspace_config = config.get("lape") or {}, config.get("subspace") or {}
     settings = AnalysisSettings(lape_quantile=lape_config.get("lape_quantile", 0.01),
                                 activation_quantile=lape_config.get("activation_quantile", 0.95),
+                                threshold_from=lape_config.get("threshold_from", "own"),
                                 subspace_rank=subspace_config.get("rank"))
     result = run_analyses(study_dir, plan, finished, settings, on["masks"], on["lape"], on["subspace"])
     written = {name: write_table(getattr(result, name), out_dir / "tables", f"analysis-{name}")
@@ -72,12 +73,19 @@ def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: S
                             f"analyses.masks off): {html.escape(', '.join(result.without_masks[:10]))}</p>")
     if on["lape"] and result.neurons.height:
         sections += ["<h2>Language-specific neurons (LAPE)</h2>",
-                     f"<p>A neuron is language-specific when its LAPE is in the lowest {settings.lape_quantile:g} "
-                     f"quantile and its activation probability reaches the dense model's "
-                     f"{settings.activation_quantile:g} quantile in some language. Against the dense model's "
-                     "language-specific neurons: how many survive pruning, vanish and appear.</p>",
-                     table_html(result.neurons.select("name", "dense", "pruned", "survive", "vanish", "appear",
-                                                      "mean_lape", "active_neurons"), limit=300)]
+                     "<p>Tang et al.'s procedure (their identify.py): the threshold is the k-th smallest of all "
+                     f"activation probabilities, k = round(count x {settings.activation_quantile:g}); a neuron whose "
+                     "probability exceeds it in no language gets LAPE +inf; the "
+                     f"round(all neurons x {settings.lape_quantile:g}) neurons of lowest LAPE over all layers are "
+                     "selected, and each belongs to the languages in which its probability exceeds the threshold. "
+                     "Against the dense model's language-specific neurons: how many survive pruning, vanish and "
+                     "appear. <code>threshold_from</code>: <code>own</code> applies each model's own threshold, "
+                     "<code>dense</code> the dense model's; a trial has a row for each where they differ "
+                     f"(<code>{html.escape(settings.threshold_from)}</code>, the study's setting, first) and one row "
+                     "<code>both</code> where they agree.</p>",
+                     table_html(result.neurons.select("name", "threshold_from", "threshold", "dense", "pruned",
+                                                      "survive", "vanish", "appear", "mean_lape", "active_neurons"),
+                                limit=300)]
         for model, pruner, sparsity in tables.groups:
             hist = result.lape_hist.filter((pl.col("model") == model) & ((pl.col("pruner") == "dense") | (
                 (pl.col("pruner") == pruner) & (pl.col("sparsity") == sparsity))))
@@ -85,10 +93,19 @@ def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: S
                 title = f"{model} / {pruner} {sparsity}: LAPE, dense vs pruned"
                 sections.append(figure(lape_png(hist, title), slug(model, pruner, sparsity, "lape"), title))
     if on["subspace"] and result.snr.height:
+        ranks = sorted(set(result.snr["rank"].to_list()))
+        rank_text = (f"r = {ranks[0]}" if len(ranks) == 1 else f"r = {ranks[0]} to {ranks[-1]} (by layer)")
+        rank_text += " (languages - 1)" if settings.subspace_rank is None else f" (subspace.rank {settings.subspace_rank})"
         sections += ["<h2>Latent subspaces: language-specific vs language-agnostic</h2>",
-                     "<p>SNR (dB) of each pruned model's per-language mean hidden state against the dense one, "
-                     "in the subspace spanned by the dense model's centred language means and in its complement; "
-                     "higher keeps more. Mean over calibration x target pairs per layer; per pair in "
+                     "<p>Each layer's language-specific subspace is found by LSAR (Xie et al., 2022; both steps) "
+                     f"on the dense model's per-language mean hidden states, {html.escape(rank_text)}; its "
+                     "orthogonal complement is language-agnostic. SNR (dB) of each pruned model's hidden states "
+                     "against the dense one's in each subspace, higher keeps more, in two variants: "
+                     "<em>centroid</em>, 10 log10(||P mu_d||^2 / ||P (mu_p - mu_d)||^2) on the per-language means, "
+                     "and <em>token</em>, 10 log10(sum_t ||P h_d(t)||^2 / sum_t ||P (h_p(t) - h_d(t))||^2) on the same "
+                     "sampled evaluation tokens in both models. Both SNRs are this project's own definition: the "
+                     "reference study (Kurz et al., 2024) does not publish its formula. Mean over calibration x "
+                     "target pairs per layer (solid: centroid, dashed: token); per pair in "
                      f"<code>tables/{written['snr']}</code>. Identical representations are +inf and left out of "
                      "means.</p>"]
         for model, pruner, sparsity in tables.groups:
@@ -97,6 +114,13 @@ def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: S
             if group.height:
                 title = f"{model} / {pruner} {sparsity}: SNR per layer"
                 sections.append(figure(snr_png(group, title), slug(model, pruner, sparsity, "snr"), title))
+        no_tokens = sorted(set(result.snr.filter(pl.col("variant") == "centroid")["name"].to_list())
+                           - set(result.snr.filter(pl.col("variant") == "token")["name"].to_list()))
+        if no_tokens:
+            sections.append(f"<p class=note>No per-token SNR for {len(no_tokens)} trial(s) (it or its dense "
+                            "trial has no token sample: statistics written before it existed, or "
+                            "subspace.token_sample 0; or the two samples are not the same tokens): "
+                            f"{html.escape(', '.join(no_tokens[:10]))}</p>")
     if (on["lape"] or on["subspace"]) and result.without_statistics:
         sections.append(f"<p class=note>No neuron or hidden-state statistics for {len(result.without_statistics)} "
                         f"trial(s) (run with analyses.lape and analyses.subspace off): "

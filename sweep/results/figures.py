@@ -144,14 +144,24 @@ def lape_png(hist: pl.DataFrame, title: str) -> bytes:
 
 
 def snr_png(snr: pl.DataFrame, title: str) -> bytes:
-    """Mean SNR per layer (over calibration x target pairs) in the language-specific and -agnostic subspace."""
+    """Mean SNR per layer (over calibration x target pairs) in the language-specific and -agnostic subspace,
+    for each variant in the table: centroid (solid) and per-token (dashed)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
     finite = snr.with_columns(pl.col("snr_specific_db").replace([float("inf")], None),
                               pl.col("snr_agnostic_db").replace([float("inf")], None))
-    per_layer = finite.group_by("layer").agg(pl.col("snr_specific_db").mean(), pl.col("snr_agnostic_db").mean()).sort("layer")
-    ax.plot(per_layer["layer"], per_layer["snr_specific_db"], marker="o", markersize=3, label="language-specific")
-    ax.plot(per_layer["layer"], per_layer["snr_agnostic_db"], marker="s", markersize=3, label="language-agnostic")
+    if "variant" not in finite.columns:
+        finite = finite.with_columns(pl.lit("centroid").alias("variant"))
+    for variant, style in (("centroid", "-"), ("token", "--")):
+        frame = finite.filter(pl.col("variant") == variant)
+        if frame.is_empty():
+            continue
+        per_layer = frame.group_by("layer").agg(pl.col("snr_specific_db").mean(),
+                                                pl.col("snr_agnostic_db").mean()).sort("layer")
+        for column, colour, marker, name in (("snr_specific_db", "C0", "o", "language-specific"),
+                                             ("snr_agnostic_db", "C1", "s", "language-agnostic")):
+            ax.plot(per_layer["layer"], per_layer[column], linestyle=style, color=colour, marker=marker,
+                    markersize=3, label=f"{name}, {variant}")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

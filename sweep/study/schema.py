@@ -168,15 +168,25 @@ class EvaluationSpec(Strict):
 
 class LapeSpec(Strict):
     enabled: StrictBool = Field(True, description="language-specific neurons by LAPE (docs/analyses.md)")
-    lape_quantile: StrictFloat = Field(0.01, gt=0, lt=1, description="lowest-LAPE share counted as language-specific")
+    lape_quantile: StrictFloat = Field(
+        0.01, gt=0, lt=1, description="Tang et al.'s top_rate: the share of all MLP neurons (all layers) selected "
+                                      "by lowest LAPE after the threshold filter")
     activation_quantile: StrictFloat = Field(
-        0.95, gt=0, lt=1, description="a language-specific neuron's top activation probability must reach this quantile")
+        0.95, gt=0, lt=1, description="Tang et al.'s filter_rate and activation_bar_ratio: the threshold is the "
+                                      "k-th smallest of all activation probabilities, k = round(count x this)")
+    threshold_from: Literal["own", "dense"] = Field(
+        "own", description="`own`: each model (dense, each pruned one) its own threshold; `dense`: the dense "
+                           "model's for all; the report shows both where they differ")
 
 
 class SubspaceSpec(Strict):
     enabled: StrictBool = Field(
         True, description="SNR in the language-specific and language-agnostic subspaces (docs/analyses.md)")
-    rank: StrictInt | None = Field(None, gt=0, description="dimensions of the language-specific subspace; default languages - 1")
+    rank: StrictInt | None = Field(
+        None, gt=0, description="dimensions r of LSAR's language-specific subspace; default languages - 1")
+    token_sample: StrictInt = Field(
+        32, ge=0, le=4096, description="evaluation tokens per language whose hidden states every trial keeps, "
+                                       "for the per-token SNR (1.75 MiB per token for an 8B model; 0: off)")
 
 
 class MaskAnalysisSpec(Strict):

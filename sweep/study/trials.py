@@ -63,10 +63,11 @@ def trial_config(study: Study, trial: TrialSpec, artifacts_dir: Path | None = No
     spec = study.spec
     evaluation = evaluation or evaluation_config(study)
     collect = spec.analyses.lape.enabled or spec.analyses.subspace.enabled
+    token_sample = spec.analyses.subspace.token_sample if spec.analyses.subspace.enabled else 0
     masks = spec.analyses.masks
     if trial.is_dense:
         return TrialConfig(key=trial.key, name=trial.name, evaluation=evaluation, artifacts_dir=artifacts_dir,
-                           collect_statistics=collect, device=device, cache_dir=cache_dir,
+                           collect_statistics=collect, token_sample=token_sample, device=device, cache_dir=cache_dir,
                        layer_error_tokens=masks.error_tokens if masks.enabled and masks.error_tokens else None,
                        save_model=spec.save_models.enabled)
     pruner = next(p for p in spec.pruners if p.label == trial.pruner_label)
@@ -86,6 +87,6 @@ def trial_config(study: Study, trial: TrialSpec, artifacts_dir: Path | None = No
     return TrialConfig(key=trial.key, name=trial.name, evaluation=evaluation, pruning=pruning, calibration=calibration,
                        artifacts_dir=artifacts_dir, save_masks=masks.enabled and masks.save_masks,
                        mask_sample=masks.sample_bits if masks.enabled and not masks.save_masks else None,
-                       collect_statistics=collect, device=device, cache_dir=cache_dir,
+                       collect_statistics=collect, token_sample=token_sample, device=device, cache_dir=cache_dir,
                        layer_error_tokens=masks.error_tokens if masks.enabled and masks.error_tokens else None,
                        save_model=spec.save_models.enabled)

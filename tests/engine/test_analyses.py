@@ -50,10 +50,11 @@ def test_activation_probability_and_language_specific_neurons():
     tokens = torch.tensor([100, 100])
     p = activation_probability(active, tokens)
     assert p[0, 0].tolist() == pytest.approx([0.9, 0.3, 0.02, 0.5])
-    entropy = lape(p)
-    specific = language_specific(p, entropy, lape_quantile=0.5, activation_threshold=0.4)
-    # neurons 0 and 3 are one-language (LAPE 0) and reach 0.4; neuron 1 is shared; neuron 2 is shared and weak
-    assert specific[0].tolist() == [True, False, False, True]
+    # Tang et al.'s rule (hand-worked in tests/engine/test_lape.py): neurons 0 and 3 are one-language (LAPE 0)
+    # and exceed 0.4; the quota round(4 x 0.5) = 2 takes them; both belong to language 0 only
+    specific = language_specific(p, top_rate=0.5, threshold=0.4)
+    assert specific[0, 0].tolist() == [True, False, False, True] and not specific[1].any()
+    specific = specific.any(dim=0)
     changes = neuron_changes(specific, torch.tensor([[True, True, False, False]]))
     assert changes == {"dense": 2, "pruned": 2, "survive": 1, "vanish": 1, "appear": 1}
 
@@ -104,8 +105,8 @@ def test_neuron_summary_and_lape_histogram_by_hand():
     # 2 languages x 1 layer x 3 neurons: neuron 0 only in language 0, neuron 1 in both, neuron 2 never
     probability = torch.tensor([[[0.8, 0.5, 0.0]], [[0.0, 0.5, 0.0]]], dtype=torch.float64)
     entropy = lape(probability)
-    specific = torch.tensor([[True, False, False]])
-    summary = neuron_summary(probability, entropy, specific, activation_threshold=0.6)
+    assigned = torch.tensor([[[True, False, False]], [[False, False, False]]])  # neuron 0, to language 0
+    summary = neuron_summary(entropy, assigned)
     assert summary.active_neurons == 2 and summary.mean_lape == pytest.approx(math.log(2) / 2)
     assert summary.specific_per_language == [1, 0]
     bins = lape_histogram(entropy, languages=2, bins=2)
