@@ -20,6 +20,7 @@ from engine.data.sources import TextSourceConfig, documents
 from engine.evaluate.suite import language_tokens, perplexity_of_tokens
 from engine.evaluate.tasks import TaskRequest, run_tasks
 from engine.evaluate.text_cache import evaluation_cache_path, read_evaluation_tokens, write_evaluation_tokens
+from engine.evaluate.units import UNITS_FILE, EvaluationUnits
 from engine.languages import get_language
 from engine.models import ModelSource, load_model
 from engine.prune.block_inputs import ReplayMismatch
@@ -242,6 +243,7 @@ def _prune(config: TrialConfig, loaded: LoadedModel, timings: dict) -> dict:
 def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict, result: dict) -> list[dict]:
     ev = config.evaluation
     rows: list[dict] = []
+    units = EvaluationUnits()
     if ev.perplexity is not None:
         started = time.perf_counter()
         errors = config.layer_error_tokens if config.pruning is not None else None
@@ -260,7 +262,8 @@ def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict, result: d
             for metric in ("bits_per_byte", "token_perplexity", "loss"):
                 rows.append({"language": lang, "task": "perplexity", "metric": metric,
                              "value": getattr(res, metric), "tokens": res.tokens, "bytes": res.bytes,
-                             "window": res.window})
+                             "window": res.window, "higher_is_better": False})
+            units.add_perplexity(lang, res)
         timings["perplexity"] = time.perf_counter() - started
         if collector is not None and config.artifacts_dir is not None:
             path = collector.save(Path(config.artifacts_dir) / "statistics.safetensors", {"trial": config.key})
@@ -275,10 +278,15 @@ def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict, result: d
         for name, task in out["tasks"].items():
             if name not in by_name:
                 continue  # a group's subtasks are reported under the names the study asked for
+            units.add_task(name, by_name[name].language, task.get("units"))
             for metric, value in task["metrics"].items():
                 rows.append({"language": by_name[name].language, "task": name, "metric": metric, "value": value,
+                             "stderr": task.get("stderr", {}).get(metric),
+                             "higher_is_better": task.get("higher_is_better", {}).get(metric),
                              "samples": task.get("samples"), "shots": by_name[name].shots,
                              "lm_eval_version": out["lm_eval_version"], "task_version": task.get("version"),
                              "task_hash": task.get("task_hash"), "config_hash": task.get("config_hash")})
         timings["tasks"] = time.perf_counter() - started
+    if config.artifacts_dir is not None and not units.empty:
+        result["units_path"] = str(units.save(Path(config.artifacts_dir) / UNITS_FILE, {"trial": config.key}))
     return rows

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,8 @@ class PerplexityResult:
     tokens: int  # predicted text tokens
     bytes: int  # UTF-8 bytes of the text those tokens spell
     nll: float  # summed negative log-likelihood, nats
+    # Each text token's NLL (nats) in text order: the units a paired bootstrap between two models resamples.
+    token_nll: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def loss(self) -> float:
@@ -57,16 +59,21 @@ def batches_of_equal_length(chunks: list[list[int]], batch_size: int) -> list[li
 
 
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, batch: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL (nats) per row, counting only positions whose target is a real token.
+def window_token_nll(model: torch.nn.Module, batch: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL (nats) at every position [rows, width - 1], zero where the target is padding.
     Rows are scored one at a time in float32: a batch's float32 logits and log-probabilities would take
     2 x batch x window x vocab x 4 bytes (17 GB for 8 x 2048 x 128k), one row's take a batch-th of that."""
     logits = model(input_ids=batch, attention_mask=attention_mask).logits
     targets = batch[:, 1:].to(logits.device)  # a model spread over GPUs may answer on its last one
     weights = attention_mask[:, 1:].to(logits.device)
-    rows = [(torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none")
-             * weights[row]).sum() for row in range(logits.shape[0])]
+    rows = [torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none") * weights[row]
+            for row in range(logits.shape[0])]
     return torch.stack(rows)
+
+
+def window_nll(model: torch.nn.Module, batch: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (nats) per row, counting only positions whose target is a real token."""
+    return window_token_nll(model, batch, attention_mask).sum(dim=1)
 
 
 @torch.no_grad()
@@ -77,7 +84,7 @@ def perplexity(model: torch.nn.Module, token_ids: Sequence[int], text_bytes: int
         raise ValueError("no tokens to evaluate")
     device = next(model.parameters()).device
     chunks = windows_of(token_ids, window, prefix_id)
-    total = 0.0
+    losses: list[float] = []
     was_training = model.training
     model.eval()
     try:
@@ -88,7 +95,10 @@ def perplexity(model: torch.nn.Module, token_ids: Sequence[int], text_bytes: int
             for row, chunk in enumerate(group):
                 batch[row, : len(chunk)] = torch.tensor(chunk)
                 mask[row, : len(chunk)] = 1
-            total += float(window_nll(model, batch.to(device), mask.to(device)).sum())
+            per_token = window_token_nll(model, batch.to(device), mask.to(device)).double().cpu()
+            for row, chunk in enumerate(group):
+                losses.extend(per_token[row, : len(chunk) - 1].tolist())
     finally:
         model.train(was_training)
-    return PerplexityResult(window=window, windows=len(chunks), tokens=len(token_ids), bytes=text_bytes, nll=total)
+    return PerplexityResult(window=window, windows=len(chunks), tokens=len(token_ids), bytes=text_bytes,
+                            nll=math.fsum(losses), token_nll=tuple(losses))

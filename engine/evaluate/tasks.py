@@ -24,7 +24,12 @@ Result layout (JSON-serialisable; non-finite floats become null):
 `task_hash` is the one lm-eval's EvaluationTracker writes (sha256 over its samples' doc, prompt and
 target hashes: what was asked); `responses_hash` is a sha256 over the model's log-likelihoods (what
 was answered: equal iff the model's outputs were bit-identical); `config_hash` is the sha256 of the
-task's resolved config as lm-eval reports it. Per-sample records are not kept.
+task's resolved config as lm-eval reports it.
+
+Tasks also carry `units`: lm-eval's own per-document scores, for paired tests between models on the
+same documents ({"doc_id": [...], "choices": [...], "metrics": {"acc": [1.0, 0.0, ...], ...}}, in
+doc_id order; `choices` is the number of answer options of a multiple-choice document, null for other
+output types). The trial writes them to a file rather than into its result.
 """
 from __future__ import annotations
 
@@ -231,6 +236,22 @@ def _responses_hash(samples: Sequence[Mapping]) -> str:
     return hashlib.sha256(json.dumps(payload, default=repr).encode()).hexdigest()
 
 
+def _units(samples: Sequence[Mapping], metrics: Iterable[str]) -> dict:
+    """Each document's own score for every metric lm-eval aggregated (the value it averages for acc and
+    acc_norm), unfiltered responses only, in doc_id order."""
+    rows = sorted((s for s in samples if s.get("filter", NO_FILTER) == NO_FILTER), key=lambda s: s["doc_id"])
+    names = [m for m in metrics if rows and all(isinstance(r.get(m), (int, float, bool)) for r in rows)]
+
+    def choices(sample: Mapping) -> int | None:
+        responses = sample.get("filtered_resps")
+        multiple = isinstance(responses, list) and len(responses) > 1 and all(
+            isinstance(r, (list, tuple)) and len(r) == 2 for r in responses)
+        return len(responses) if multiple else None
+
+    return {"doc_id": [int(r["doc_id"]) for r in rows], "choices": [choices(r) for r in rows],
+            "metrics": {m: [float(r[m]) for r in rows] for m in names}}
+
+
 def _json_safe(value):
     if isinstance(value, Mapping):
         return {str(k): _json_safe(v) for k, v in value.items()}
@@ -285,6 +306,7 @@ def _collect(raw: Mapping, request_names: set[str], shots: int, limit) -> dict[s
             entry["responses_hash"] = _responses_hash(samples[name]) if name in samples else None
             config = raw.get("configs", {}).get(name)
             entry["config_hash"] = _sha256_json(config) if config is not None else None
+            entry["units"] = _units(samples.get(name, []), metrics)
         out[name] = _json_safe(entry)
     return out
 

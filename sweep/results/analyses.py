@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from engine.analyze.metrics import (
     subspace_snrs,
     token_subspace_snrs,
 )
+from sweep.store.artifacts import ArtifactReader
 from sweep.store.records import PlannedTrial, PlanRecord
 from sweep.store.study_store import StudyStore
 
@@ -66,27 +66,6 @@ class AnalysisTables:
     without_statistics: list[str] = field(default_factory=list)
 
 
-class _Artifacts:
-    """Reads a trial's artifact from a local or remote study directory (remote ones via a temp copy)."""
-
-    def __init__(self, store: StudyStore):
-        self.store = store
-        self._temp = tempfile.TemporaryDirectory(prefix="sweep-analysis-")
-
-    def path(self, key: str, name: str) -> Path | None:
-        rel = f"artifacts/{key}/{name}"
-        if self.store.is_local:
-            path = self.store.location.local_path(rel)
-            return path if path.is_file() else None
-        data = self.store.location.read_bytes(rel)
-        if data is None:
-            return None
-        path = Path(self._temp.name) / key / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        return path
-
-
 def _packed_masks(path: Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
@@ -94,7 +73,7 @@ def _packed_masks(path: Path) -> dict[str, np.ndarray]:
         return {name: handle.get_tensor(name) for name in handle.keys()}
 
 
-def mask_overlap(trials: list[PlannedTrial], artifacts: _Artifacts, languages: list[str]) -> tuple[pl.DataFrame, list[str]]:
+def mask_overlap(trials: list[PlannedTrial], artifacts: ArtifactReader, languages: list[str]) -> tuple[pl.DataFrame, list[str]]:
     rows, missing = [], []
     single = [t for t in trials if not t.dense and t.calibration in languages]
     groups: dict[tuple, list[PlannedTrial]] = {}
@@ -132,7 +111,7 @@ def mask_overlap(trials: list[PlannedTrial], artifacts: _Artifacts, languages: l
     return pl.DataFrame(rows, schema=schema, orient="row"), missing
 
 
-def _statistics(trials: list[PlannedTrial], artifacts: _Artifacts) -> tuple[dict[str, tuple[list[str], dict]], list[str]]:
+def _statistics(trials: list[PlannedTrial], artifacts: ArtifactReader) -> tuple[dict[str, tuple[list[str], dict]], list[str]]:
     found, missing = {}, []
     for t in trials:
         path = artifacts.path(t.key, "statistics.safetensors")
@@ -243,7 +222,7 @@ def _fields(t: dict) -> dict:
 def run_analyses(study_dir: Path | str, plan: PlanRecord, finished: set[str], settings: AnalysisSettings,
                  masks: bool, neurons: bool, subspace: bool) -> AnalysisTables:
     store = StudyStore(study_dir)
-    artifacts = _Artifacts(store)
+    artifacts = ArtifactReader(store)
     languages = list(plan.languages)
     trials = [t for t in plan.trials if t.key in finished]
     overlap, no_masks = mask_overlap(trials, artifacts, languages) if masks else (pl.DataFrame(), [])

@@ -7,10 +7,13 @@ import math
 import polars as pl
 
 
-def heatmap_png(matrix: pl.DataFrame, title: str, lower_is_better: bool) -> bytes:
+def heatmap_png(matrix: pl.DataFrame, title: str, lower_is_better: bool,
+                interval: tuple[pl.DataFrame, pl.DataFrame] | None = None) -> bytes:
     """Rows: calibration languages; columns: target languages; each cell shows its value and is coloured
     by how far it is from the best cell of its column. The diagonal (calibrating in the target language)
-    is outlined; the best cell of each column is starred; missing cells are hatched grey."""
+    is outlined; the best cell of each column is starred; missing cells are hatched grey. With
+    `interval` (matrices of the same shape: each cell's interval bounds), each cell also shows the
+    interval's half-width, so that a reader sees which differences are within noise."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,6 +25,10 @@ def heatmap_png(matrix: pl.DataFrame, title: str, lower_is_better: bool) -> byte
     columns = matrix.columns[1:]
     values = np.array([[math.nan if v is None else float(v) for v in matrix[c].to_list()] for c in columns]).T
     values = values.reshape(len(rows), len(columns))
+    half = np.full_like(values, np.nan)
+    if interval is not None:
+        low, high = ([[math.nan if v is None else float(v) for v in m[c].to_list()] for c in columns] for m in interval)
+        half = (np.array(high).T - np.array(low).T).reshape(values.shape) / 2
     # Colour by the gap to the best calibration of each column: languages differ in how predictable they
     # are, so raw values would colour by target language rather than by calibration.
     gaps = np.full_like(values, np.nan)
@@ -49,7 +56,10 @@ def heatmap_png(matrix: pl.DataFrame, title: str, lower_is_better: bool) -> byte
                 continue
             light = gaps[i, j] < top / 2  # the yellow end of viridis_r
             text = f"{value:.3f}" + ("*" if gaps[i, j] == 0 else "")
-            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if light else "white")
+            if math.isfinite(half[i, j]):
+                text += f"\n±{half[i, j]:.3f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=6 if interval is not None else 7,
+                    color="black" if light else "white")
             if rows[i] == column:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#d62728", lw=2.2))
     fig.colorbar(image, ax=ax, shrink=0.8, label=f"% {'above' if lower_is_better else 'below'} the column's best")

@@ -12,8 +12,20 @@ import polars as pl
 from markupsafe import Markup
 
 from sweep.results.analysis_sections import analysis_sections
+from sweep.results.comparisons import SignificanceSettings
 from sweep.results.figures import heatmap_png
-from sweep.results.reduce import StudyTables, calibration_matrix, load_tables, lower_is_better
+from sweep.results.reduce import (
+    BEATEN_WITHIN_NOISE,
+    BEST_WITHIN_NOISE,
+    LOSS,
+    TIE,
+    UNTESTED,
+    VERDICTS,
+    WIN,
+    StudyTables,
+    calibration_matrix,
+    load_tables,
+)
 from sweep.results.run_stats import RunStats, run_stats
 from sweep.results.table_files import slug, table_html, write_table
 from sweep.store.records import Event, PlanRecord, RunStarted, TrialFailed
@@ -44,7 +56,7 @@ def build_report(study_dir: Path | str, out_dir: Path, extra_sections: list[str]
     events = store.read_events().events
     keys = plan.keys
     languages = list(plan.languages) or sorted({t.calibration for t in plan.trials if t.calibration})
-    tables = load_tables(study_dir, plan, languages)
+    tables = load_tables(study_dir, plan, languages, significance_settings(plan))
     stats = run_stats(events, keys)
     study_text = _latest_study_text(store, events)
 
@@ -54,6 +66,8 @@ def build_report(study_dir: Path | str, out_dir: Path, extra_sections: list[str]
     for name in ("tidy", "seeds", "ranks", "tasks"):
         frame: pl.DataFrame = getattr(tables, name)
         write_table(frame, out_dir / "tables", name)
+    for name in ("pairs", "chance"):
+        write_table(getattr(tables.significance, name), out_dir / "tables", f"significance-{name}")
     heatmaps = draw_heatmaps(tables)
     for heatmap in heatmaps:
         (out_dir / "figures" / f"{heatmap.slug}.png").write_bytes(heatmap.png)
@@ -92,6 +106,12 @@ def main_metrics(tables: StudyTables) -> list[tuple[str, str]]:
     return out
 
 
+def significance_settings(plan: PlanRecord) -> SignificanceSettings:
+    """The study's `analyses.significance` (defaults for a plan written before it existed)."""
+    given = plan.analyses.get("significance") or {}
+    return SignificanceSettings(**{k: given[k] for k in ("alpha", "resamples", "seed") if k in given})
+
+
 def draw_heatmaps(tables: StudyTables) -> list[Heatmap]:
     out = []
     for task, metric in main_metrics(tables):
@@ -100,54 +120,51 @@ def draw_heatmaps(tables: StudyTables) -> list[Heatmap]:
             matrix = calibration_matrix(source.lazy(), model, pruner, sparsity, task, metric, tables.languages)
             if matrix.is_empty():
                 continue
+            low, high = (calibration_matrix(source.lazy(), model, pruner, sparsity, task, metric, tables.languages,
+                                            value) for value in ("ci_low", "ci_high"))
             what = METRIC_NAMES.get(metric, metric) + (" (mean over tasks)" if task == "average" else "")
             title = f"{model} / {pruner} {sparsity}: {what}"
             out.append(Heatmap(title, slug(model, pruner, sparsity, task, metric),
-                               heatmap_png(matrix, title, lower_is_better(metric)), matrix))
+                               heatmap_png(matrix, title, tables.lower_is_better(metric), (low, high)), matrix))
     return out
 
 
 def findings(tables: StudyTables) -> list[str]:
-    """Sentences computed from the rank table, one per (model, pruner, sparsity, main metric)."""
+    """One sentence per (model, pruner, sparsity, main metric): in how many target languages calibrating
+    in that language was significantly best, best within noise, tied, beaten within noise, significantly
+    beaten; downstream cells where the dense model is not above chance are counted apart, not judged."""
+    settings = tables.significance.settings
     lines = []
     for task, metric in main_metrics(tables):
-        if task == "average":
-            continue  # ranks are per task; the downstream summary is below
         ranks = tables.ranks.filter((pl.col("task") == task) & (pl.col("metric") == metric))
+        what = METRIC_NAMES.get(metric, metric) + (" (mean over tasks)" if task == "average" else "")
         for model, pruner, sparsity in trial_groups(tables):
             group = ranks.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)
-                                 & (pl.col("sparsity") == sparsity) & pl.col("rank").is_not_null())
+                                 & (pl.col("sparsity") == sparsity) & pl.col("verdict").is_not_null())
             if group.is_empty():
                 continue
-            wins = int(group["own_is_best"].sum())
-            ties = int(group["own_tied_best"].sum())
-            best = "lowest" if lower_is_better(metric) else "highest"
-            lines.append(f"{model}, {pruner} {sparsity}: calibrating in the target language gave the {best} "
-                         f"{METRIC_NAMES.get(metric, metric)} in {wins} of {group.height} target languages"
-                         f"{_tied(ties)} (mean rank {group['rank'].mean():.2f} among {int(group['ranked'].max())} "
-                         "calibration languages)")
-    accuracy = [m for t, m in main_metrics(tables) if t == "average"]
-    averages = tables.tasks.filter((pl.col("task") == "average") & ~pl.col("dense")
-                                   & pl.col("metric").is_in(accuracy))
-    for model, pruner, sparsity in trial_groups(tables):
-        group = averages.filter((pl.col("model") == model) & (pl.col("pruner") == pruner)
-                                & (pl.col("sparsity") == sparsity) & pl.col("mean").is_not_null())
-        own = group.filter(pl.col("calibration") == pl.col("target"))
-        if own.is_empty():
-            continue
-        others = (group.filter(pl.col("calibration") != pl.col("target"))
-                  .group_by("target").agg(pl.col("mean").max().alias("best_other")))
-        compared = own.join(others, on="target")
-        wins = compared.filter(pl.col("mean") > pl.col("best_other")).height
-        ties = compared.filter(pl.col("mean") == pl.col("best_other")).height
-        lines.append(f"{model}, {pruner} {sparsity}: calibrating in the target language gave the highest mean "
-                     f"downstream accuracy in {wins} of {own.height} target languages{_tied(ties)}")
+            chance_level = group.filter(pl.col("informative").eq(False))
+            judged = group.filter(pl.col("informative").ne(False) | pl.col("informative").is_null())
+            counts = {v: judged.filter(pl.col("verdict") == v).height for v in VERDICTS}
+            parts = [f"significantly best in {counts[WIN]}"] + [
+                f"{words} in {counts[v]}" for v, words in ((BEST_WITHIN_NOISE, "best within noise"), (TIE, "tied"),
+                                                           (BEATEN_WITHIN_NOISE, "beaten within noise"),
+                                                           (LOSS, "significantly beaten")) if counts[v]]
+            if counts[UNTESTED]:
+                untested = judged.filter(pl.col("verdict") == UNTESTED)
+                parts.append(f"untested in {counts[UNTESTED]} (best by the mean in {int(untested['own_is_best'].sum())}; "
+                             "the trials kept no per-token or per-document scores to test with)")
+            line = (f"{model}, {pruner} {sparsity}, {what}: of {judged.height} target languages, calibrating in "
+                    f"the target language was " + ", ".join(parts))
+            if chance_level.height:
+                line += (f". In {chance_level.height} more ({', '.join(chance_level['target'].to_list())}) the dense "
+                         "model is not above chance, so no calibration can be told apart there")
+            lines.append(line + ".")
+    if lines:
+        lines.append(f"Each verdict tests the own calibration against the best other one: a paired bootstrap over "
+                     f"evaluation tokens (in blocks) or documents and over seeds, {settings.resamples} resamples, "
+                     f"two-sided at {settings.alpha:g}. A tie is the same value, never a win.")
     return lines
-
-
-def _tied(ties: int) -> str:
-    """Ties are not wins: they are said apart."""
-    return f" and tied for it in {ties} more" if ties else ""
 
 
 # -- HTML ------------------------------------------------------------------------------------------
@@ -197,10 +214,22 @@ def render(plan: PlanRecord, tables: StudyTables, stats: RunStats, heatmaps: lis
                                                return_dtype=pl.Int64).alias("_t"))
              .sort("_g", "_t"))
     if ranks.height:
-        sections.append(Section("Rank of the target language's own calibration", table_html(
+        sections.append(Section("The target language's own calibration against the best other", table_html(
             ranks.select("model", "pruner", "sparsity", "metric", "target", "own_value", "rank", "ranked",
-                         "best_calibration", "best_value")),
-            note="1 is best among the single-language calibrations present."))
+                         "best_other", "best_other_value", "margin", "margin_low", "margin_high", "p_value",
+                         "verdict")),
+            note=Markup(f"Rank 1 is best among the single-language calibrations present (ties share it). "
+                        f"<code>margin</code> is how much better the own calibration is than the best other one "
+                        f"(negative: worse), with its {1 - tables.significance.settings.alpha:.0%} bootstrap "
+                        f"interval and two-sided p-value; every calibration pair in "
+                        f"<code>tables/significance-pairs.csv</code>.")))
+    chance = tables.significance.chance
+    if chance.height:
+        sections.append(Section("Downstream tasks against chance", table_html(
+            chance.sort("model", "task", "target", "metric"), limit=300),
+            note="The dense model's accuracy against chance (1 / answer options), one-sided bootstrap p-value. "
+                 "Where it is not above chance, a task cannot tell calibrations apart: those cells are left out "
+                 "of the findings."))
     tasks = tables.tasks.filter(pl.col("task") == "average")
     if tasks.height:
         wide = tasks.pivot(on="target", index=["model", "pruner", "sparsity", "calibration", "metric"],

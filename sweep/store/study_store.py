@@ -305,13 +305,21 @@ class StudyStore:
                     "model": trial.model or None, "pruner": trial.pruner or None, "sparsity": trial.sparsity or None,
                     "calibration": trial.calibration, "seed": trial.seed,
                     "language": metric.get("language"), "task": metric.get("task"), "metric": metric.get("metric"),
-                    "value": float(value) if isinstance(value, (int, float)) else None,
+                    "value": _number(value),
+                    "stderr": _number(metric.get("stderr")),
+                    "higher_is_better": metric.get("higher_is_better") if isinstance(metric.get("higher_is_better"), bool) else None,
                     "current": current_keys is None or key in current_keys,
                 })
         schema = {"key": pl.String, "name": pl.String, "run": pl.String, "model": pl.String, "pruner": pl.String,
                   "sparsity": pl.String, "calibration": pl.String, "seed": pl.Int64, "language": pl.String,
-                  "task": pl.String, "metric": pl.String, "value": pl.Float64, "current": pl.Boolean}
+                  "task": pl.String, "metric": pl.String, "value": pl.Float64, "stderr": pl.Float64,
+                  "higher_is_better": pl.Boolean, "current": pl.Boolean}
         buffer = io.BytesIO()
         pl.DataFrame(rows, schema=schema).write_parquet(buffer)
         self.location.write_atomic("results.parquet", buffer.getvalue())
         return self.ref("results.parquet")
+
+
+def _number(value: object) -> float | None:
+    """A metric's number as a float; None for a missing, boolean or non-numeric one."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

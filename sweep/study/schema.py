@@ -200,7 +200,18 @@ class MaskAnalysisSpec(Strict):
         description="held-out tokens per target language on which each layer's pruning error is measured (0: off)")
 
 
+class SignificanceSpec(Strict):
+    """How the report tests its comparisons (docs/results.md): a paired bootstrap over the evaluation's
+    tokens and documents, and over seeds."""
+
+    alpha: StrictFloat = Field(0.05, gt=0, lt=0.5, description="two-sided level of every test; intervals at 1 - alpha")
+    resamples: StrictInt = Field(2000, ge=200, le=100_000, description="bootstrap replicates")
+    seed: StrictInt = Field(0, ge=0, description="seed of the bootstrap draws (the report is reproducible)")
+
+
 class AnalysesSpec(Strict):
+    significance: SignificanceSpec = Field(default_factory=SignificanceSpec,
+                                           description="always on: how comparisons are tested")
     masks: MaskAnalysisSpec = Field(default_factory=lambda: MaskAnalysisSpec(enabled=False),
                                     description="off unless given")
     lape: LapeSpec = Field(default_factory=lambda: LapeSpec(enabled=False), description="off unless given")

@@ -18,15 +18,19 @@ def tiny_model():
     return LlamaForCausalLM(config).eval()
 
 
-def reference_nll(model, token_ids, window, prefix):
-    total = 0.0
+def reference_token_nll(model, token_ids, window, prefix):
+    losses = []
     for start in range(0, len(token_ids), window - 1):
         sequence = torch.tensor([[prefix, *token_ids[start : start + window - 1]]])
         with torch.no_grad():
             log_probs = torch.log_softmax(model(input_ids=sequence).logits[0].double(), dim=-1)
         for position in range(1, sequence.shape[1]):
-            total -= float(log_probs[position - 1, sequence[0, position]])
-    return total
+            losses.append(-float(log_probs[position - 1, sequence[0, position]]))
+    return losses
+
+
+def reference_nll(model, token_ids, window, prefix):
+    return math.fsum(reference_token_nll(model, token_ids, window, prefix))
 
 
 @pytest.mark.parametrize("n_tokens, window, batch_size", [(200, 16, 4), (37, 8, 3), (5, 32, 8)])
@@ -35,8 +39,12 @@ def test_matches_unbatched_reference(tiny_model, n_tokens, window, batch_size):
     ids = torch.randint(1, 97, (n_tokens,), generator=generator).tolist()
     result = perplexity(tiny_model, ids, text_bytes=3 * n_tokens, window=window, prefix_id=0,
                         batch_size=batch_size, pad_id=0)
-    expected = reference_nll(tiny_model, ids, window, prefix=0)
+    per_token = reference_token_nll(tiny_model, ids, window, prefix=0)
+    expected = math.fsum(per_token)
     assert result.tokens == n_tokens
+    # Every token's own loss, in text order: the units the reducer's paired bootstrap resamples.
+    assert len(result.token_nll) == n_tokens
+    assert result.token_nll == pytest.approx(per_token, rel=1e-4, abs=1e-5)
     assert result.windows == math.ceil(n_tokens / (window - 1))
     assert result.nll == pytest.approx(expected, rel=1e-5)
     assert result.token_perplexity == pytest.approx(math.exp(expected / n_tokens), rel=1e-5)

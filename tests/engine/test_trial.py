@@ -95,3 +95,34 @@ def test_evaluation_text_is_read_once_per_loaded_model(tiny, monkeypatch):
     monkeypatch.setattr("engine.trial.language_tokens", no_reading)
     second = run_trial(config(assets), loaded)
     assert [r["value"] for r in first["metrics"]] == [r["value"] for r in second["metrics"]]
+
+
+def test_the_units_of_every_mean_are_kept_for_paired_tests(tiny, tmp_path):
+    """Every evaluation token's NLL and every task document's own score reach units.safetensors, and
+    they average to the trial's reported numbers; lm-eval's stderr and direction stay on the rows."""
+    from engine.demo.tasks import ensure_demo_tasks
+    from engine.evaluate.units import load_units
+    from engine.trial import TaskConfig
+
+    assets, loaded = tiny
+    base = config(assets, tmp=tmp_path)
+    evaluation = EvaluationConfig(languages=("en", "sw"), perplexity=base.evaluation.perplexity,
+                                  tasks=(TaskConfig("demo_continuation_en", "en", limit=6),),
+                                  include_path=ensure_demo_tasks(assets))
+    result = run_trial(TrialConfig(key="k", name="n", evaluation=evaluation, artifacts_dir=tmp_path), loaded)
+    units = load_units(result["units_path"])
+    rows = {(r["language"], r["task"], r["metric"]): r for r in result["metrics"]}
+    for language in ("en", "sw"):
+        bpb = rows[(language, "perplexity", "bits_per_byte")]
+        losses = units.perplexity[language]
+        assert losses.token_nll.size == bpb["tokens"] and losses.bytes == bpb["bytes"]
+        assert float(losses.token_nll.astype("float64").sum()) / math.log(2) / losses.bytes == pytest.approx(bpb["value"], rel=1e-5)
+        assert bpb["higher_is_better"] is False
+    scores = units.tasks["demo_continuation_en"]
+    acc = rows[("en", "demo_continuation_en", "acc")]
+    assert scores.language == "en" and scores.doc_id.tolist() == list(range(6)) and set(scores.choices) == {4}
+    assert float(scores.metrics["acc"].mean()) == pytest.approx(acc["value"])
+    assert float(scores.metrics["acc_norm"].mean()) == pytest.approx(rows[("en", "demo_continuation_en", "acc_norm")]["value"])
+    # lm-eval's own stderr of a mean of n 0/1 scores: sqrt(p (1 - p) / (n - 1))
+    p = acc["value"]
+    assert acc["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 5)) and acc["higher_is_better"] is True

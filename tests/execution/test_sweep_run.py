@@ -383,9 +383,16 @@ def test_analyses_of_the_demo_grid_appear_in_the_report(reference, tmp_path):
     assert (pruned["survive"] + pruned["vanish"] == pruned["dense"]).all() and (pruned["vanish"] > 0).any()
     snr = pl.read_parquet(tables / "analysis-snr.parquet")
     assert snr["snr_specific_db"].is_finite().all() and snr["snr_agnostic_db"].is_finite().all()
-    # compact per trial: sampled masks plus statistics
+    # compact per trial: sampled masks, statistics, and the units every mean averages over
     artifacts = [p for p in (out / "artifacts").rglob("*.safetensors")]
-    assert {p.name for p in artifacts} == {"mask_sample.safetensors", "statistics.safetensors"}
+    assert {p.name for p in artifacts} == {"mask_sample.safetensors", "statistics.safetensors", "units.safetensors"}
+    # every comparison tested on those units: no perplexity verdict is left untested
+    ranks = pl.read_parquet(tables / "ranks.parquet").filter(pl.col("task") == "perplexity")
+    assert ranks.height and ranks["verdict"].is_not_null().all() and not (ranks["verdict"] == "untested").any()
+    assert ranks["p_value"].is_between(0, 1).all() and (ranks["margin_low"] <= ranks["margin_high"]).all()
+    pairs = pl.read_parquet(tables / "significance-pairs.parquet")
+    assert pairs.filter(pl.col("task") == "perplexity")["p_value"].is_not_null().all()
+    assert "two-sided at 0.05" in page  # the findings say how they were tested
 
 
 def test_an_actor_larger_than_any_node_is_reported_unschedulable_not_left_hanging(assets, tmp_path, monkeypatch, capsys):

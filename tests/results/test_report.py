@@ -75,9 +75,11 @@ def test_report_of_a_partial_study(study_dir, tmp_path):
     page = page_path.read_text(encoding="utf-8")
     text = visible_text(page)
     assert "partial: 3 of 5 trials finished, 1 failed, 1 not run yet" in text
-    assert ("m, wanda 0.5: calibrating in the target language gave the lowest bits per byte in 2 of 2 target "
-            "languages (mean rank 1.00 among 2 calibration languages)") in text
-    assert "m, wanda 0.5: calibrating in the target language gave the highest mean downstream accuracy in 2 of 2 target languages" in text
+    # These synthetic trials kept no per-token or per-document scores: best by the mean, never "significant".
+    assert ("m, wanda 0.5, bits per byte: of 2 target languages, calibrating in the target language was "
+            "significantly best in 0, untested in 2 (best by the mean in 2;") in text
+    assert ("m, wanda 0.5, accuracy (mean over tasks): of 2 target languages, calibrating in the target language "
+            "was significantly best in 0, untested in 2 (best by the mean in 2;") in text
     assert "m.sparsegpt.en.0 failed: RuntimeError: boom" in text and "m.wanda.en.1 not run yet" in text
     assert "GPU hours in trials 0.320" in text  # 3 x 360 s + 2 x 36 s on one GPU
     assert "model loads 1" in text and "abc123" in text and "worker set 1 ray 2.60.0" in text
