@@ -154,11 +154,16 @@ def findings(tables: StudyTables) -> list[str]:
                 untested = judged.filter(pl.col("verdict") == UNTESTED)
                 parts.append(f"untested in {counts[UNTESTED]} (best by the mean in {int(untested['own_is_best'].sum())}; "
                              "the trials kept no per-token or per-document scores to test with)")
+            at_chance = (f"the dense model is not significantly above chance in {chance_level.height} target "
+                         f"language(s) ({', '.join(chance_level['target'].to_list())}), so the task cannot tell "
+                         "calibrations apart there")
+            if judged.is_empty():
+                lines.append(f"{model}, {pruner} {sparsity}, {what}: {at_chance}.")
+                continue
             line = (f"{model}, {pruner} {sparsity}, {what}: of {judged.height} target languages, calibrating in "
                     f"the target language was " + ", ".join(parts))
             if chance_level.height:
-                line += (f". In {chance_level.height} more ({', '.join(chance_level['target'].to_list())}) the dense "
-                         "model is not above chance, so no calibration can be told apart there")
+                line += f"; {at_chance}"
             lines.append(line + ".")
     if lines:
         lines.append(f"Each verdict tests the own calibration against the best other one: a paired bootstrap over "
