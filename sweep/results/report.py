@@ -169,6 +169,11 @@ def findings(tables: StudyTables) -> list[str]:
         lines.append(f"Each verdict tests the own calibration against the best other one: a paired bootstrap over "
                      f"evaluation tokens (in blocks) or documents and over seeds, {settings.resamples} resamples, "
                      f"two-sided at {settings.alpha:g}. A tie is the same value, never a win.")
+        cells = tables.significance.cells.filter(pl.col("pruner") != "dense")
+        if cells.height and int(cells["seeds_tested"].max()) == 1:
+            lines.append("Every calibration ran with one seed, so the variation between calibration draws is not "
+                         "measured: the intervals and tests cover the evaluation text alone, and a difference they "
+                         "call significant may still be within seed noise.")
     return lines
 
 

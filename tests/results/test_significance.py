@@ -192,3 +192,18 @@ def test_the_math_on_hand_computed_cases():
     draws = seed_noise([SeedSpread(1.0, 3), SeedSpread(1.0, 3)], 200_000, np.random.default_rng(0))
     assert np.quantile(draws, 0.975) == pytest.approx(2.776 * math.sqrt(2 / 3), rel=0.03)
     assert not seed_noise([SeedSpread(0.0, 1), SeedSpread(0.0, 1)], 10, np.random.default_rng(0)).any()
+
+
+def test_the_report_says_when_seed_variation_is_unmeasured():
+    from sweep.results.report import findings
+
+    plan = _plan(seeds=1)
+    units = synthetic_units(np.random.default_rng(8), plan, token_effect=0.2)
+    significance = significance_tables(plan, set(units), units.get, SignificanceSettings(resamples=300), LANGS)
+    rows = [{"key": key, "language": t, "task": "perplexity", "metric": "bits_per_byte", "current": True,
+             "value": float(losses.token_nll.astype(np.float64).sum()) / (losses.bytes * math.log(2))}
+            for key, result in units.items() for t, losses in result.perplexity.items()]
+    lines = findings(reduce_study(pl.LazyFrame(rows), plan, LANGS, significance))
+    assert lines[0].startswith("m, wanda 0.5, bits per byte: of 3 target languages, calibrating in the target "
+                               "language was significantly best in 3")
+    assert any("one seed" in line and "not measured" in line for line in lines)
