@@ -96,6 +96,13 @@ def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: S
         ranks = sorted(set(result.snr["rank"].to_list()))
         rank_text = (f"r = {ranks[0]}" if len(ranks) == 1 else f"r = {ranks[0]} to {ranks[-1]} (by layer)")
         rank_text += " (languages - 1)" if settings.subspace_rank is None else f" (subspace.rank {settings.subspace_rank})"
+        sampled = result.snr.filter(pl.col("variant") == "token")["tokens"].drop_nulls() \
+            if "tokens" in result.snr.columns else pl.Series([], dtype=pl.Int64)
+        token_text = ""
+        if sampled.len():
+            low, high = int(sampled.min()), int(sampled.max())
+            token_text = f" ({low if low == high else f'{low}-{high}'} sampled tokens per language"
+            token_text += ": so few make this variant noisy)" if high < 32 else ")"
         sections += ["<h2>Latent subspaces: language-specific vs language-agnostic</h2>",
                      "<p>Each layer's language-specific subspace is found by LSAR (Xie et al., 2022; both steps) "
                      f"on the dense model's per-language mean hidden states, {html.escape(rank_text)}; its "
@@ -103,7 +110,7 @@ def analysis_sections(study_dir, plan: PlanRecord, finished: set[str], tables: S
                      "against the dense one's in each subspace, higher keeps more, in two variants: "
                      "<em>centroid</em>, 10 log10(||P mu_d||^2 / ||P (mu_p - mu_d)||^2) on the per-language means, "
                      "and <em>token</em>, 10 log10(sum_t ||P h_d(t)||^2 / sum_t ||P (h_p(t) - h_d(t))||^2) on the same "
-                     "sampled evaluation tokens in both models. Both SNRs are this project's own definition: the "
+                     f"sampled evaluation tokens in both models{html.escape(token_text)}. Both SNRs are this project's own definition: the "
                      "reference study (Kurz et al., 2024) does not publish its formula. Mean over calibration x "
                      "target pairs per layer (solid: centroid, dashed: token); per pair in "
                      f"<code>tables/{written['snr']}</code>. Identical representations are +inf and left out of "
