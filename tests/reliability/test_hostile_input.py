@@ -152,11 +152,12 @@ KNOWN_KEYS = sorted({
     "shots", "limit", "masks", "lape", "subspace", "enabled", "save_masks", "sample_bits", "error_tokens",
     "lape_quantile", "activation_quantile", "rank", "hub_repo", "private", "output_dir", "retries", "trial_timeout_s",
     "placement_timeout_s", "cpus_per_actor", "max_actors", "device", "mix", "blocksize", "dampening",
-    "max_dampening_retries",
+    "max_dampening_retries", "sampling", "separator", "threshold_from", "token_sample", "significance", "alpha",
+    "resamples", "seed",
 })  # include_path is left out: a random existing folder (/, ..) would be scanned for task files
 TRICKY_STRINGS = [
     "", " ", "~", "null", "no", "yes", "off", "2:4", "3:2", "0:4", "4:0", "2:4:8", "50%", "150%", "-0.5", "1e999",
-    "nan", ".nan", "en", "de", "sw", "en+de", "en:3+de:1", "en:0+de:1", "en+en", "en:1e308+de:1e308", "+", ":", "xx",
+    "nan", ".nan", "published", "packed", "own", "dense", "<|eot_id|>", "en", "de", "sw", "en+de", "en:3+de:1", "en:0+de:1", "en+en", "en:1e308+de:1e308", "+", ":", "xx",
     "wanda", "sparsegpt", "magnitude", "hub", "local", "float16", "cpu", "cuda", "org/model", "../../etc/passwd", "/",
     ".", "..", "**", "[", "(", "*", "{study}", "{0}", "{", "}", "{study.__class__}", "{lang!r}", "{mc4}", "{flores}",
     "${HOME}", "$NOPE", "\x00", "\n", "\t", "é", "日本", "\u202e", "a" * 300,
