@@ -232,7 +232,7 @@ def render(plan: PlanRecord, tables: StudyTables, stats: RunStats, heatmaps: lis
                         f"<code>margin</code> is how much better the own calibration is than the best other one "
                         f"(negative: worse), with its {1 - tables.significance.settings.alpha:.0%} bootstrap "
                         f"interval and two-sided p-value; every calibration pair in "
-                        f"<code>tables/significance-pairs.csv</code>.")))
+                        f"<code>tables/significance-pairs.csv</code>.{_untested_note(tables)}")))
     chance = tables.significance.chance
     if chance.height:
         sections.append(Section("Downstream tasks against chance", table_html(
@@ -281,6 +281,19 @@ def render(plan: PlanRecord, tables: StudyTables, stats: RunStats, heatmaps: lis
         heatmaps=[Figure(h.title, base64.b64encode(h.png).decode("ascii")) for h in heatmaps],
         sections=sections, extra_sections=[Markup(s) for s in extra_sections], study_text=study_text,
         written=datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def _untested_note(tables: StudyTables) -> Markup:
+    """Which trials the tests could not use, and why (markup-escaped names)."""
+    notes = []
+    for names, why in ((tables.significance.without_units, "kept no per-token or per-document scores (they ran "
+                        "before those were kept), so comparisons with them are untested"),
+                       (tables.significance.misaligned, "were evaluated on other tokens or documents than the rest "
+                        "of their model's trials, so they cannot be paired")):
+        if names:
+            shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            notes.append(Markup(" {} trial(s) {}: {}.").format(len(names), why, shown))
+    return Markup("").join(notes)
 
 
 def _in_plan_order(frame: pl.DataFrame, tables: StudyTables) -> pl.DataFrame:

@@ -75,7 +75,9 @@ def test_report_of_a_partial_study(study_dir, tmp_path):
     page = page_path.read_text(encoding="utf-8")
     text = visible_text(page)
     assert "partial: 3 of 5 trials finished, 1 failed, 1 not run yet" in text
-    # These synthetic trials kept no per-token or per-document scores: best by the mean, never "significant".
+    # These synthetic trials kept no per-token or per-document scores: best by the mean, never "significant",
+    # and the report names them.
+    assert "3 trial(s) kept no per-token or per-document scores" in text
     assert ("m, wanda 0.5, bits per byte: of 2 target languages, calibrating in the target language was "
             "significantly best in 0, untested in 2 (best by the mean in 2;") in text
     assert ("m, wanda 0.5, accuracy (mean over tasks): of 2 target languages, calibrating in the target language "
