@@ -237,9 +237,9 @@ def render(plan: PlanRecord, tables: StudyTables, stats: RunStats, heatmaps: lis
     if chance.height:
         sections.append(Section("Downstream tasks against chance", table_html(
             chance.sort("model", "task", "target", "metric"), limit=300),
-            note="The dense model's accuracy against chance (1 / answer options), one-sided bootstrap p-value. "
-                 "Where it is not above chance, a task cannot tell calibrations apart: those cells are left out "
-                 "of the findings."))
+            note="The dense model's accuracy against chance (1 / answer options): the exact one-sided p-value of "
+                 "getting as many right by guessing. Where it is not significantly above chance, a task cannot "
+                 "tell calibrations apart: those cells are left out of the findings."))
     tasks = tables.tasks.filter(pl.col("task") == "average")
     if tasks.height:
         wide = tasks.pivot(on="target", index=["model", "pruner", "sparsity", "calibration", "metric"],
