@@ -13,7 +13,6 @@ Tables (one row per ...):
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,14 +237,13 @@ def _sorted(frame: pl.DataFrame) -> pl.DataFrame:
 
 def load_tables(study_dir: Path | str, plan: PlanRecord, languages: list[str],
                 significance: SignificanceSettings | None = None) -> StudyTables:
-    """The study's tables from its results; with `significance` settings, the bootstrap over each
-    finished trial's evaluation units too (read from its artifacts)."""
+    """The study's tables from its event logs (never from results.parquet, a cache that lags mid-run);
+    with `significance` settings, the bootstrap over each finished trial's evaluation units too (read
+    from its artifacts). Reads only."""
     store = StudyStore(study_dir)
-    raw = store.location.read_bytes("results.parquet")
-    if raw is None:
-        store.compact(plan.keys)
-        raw = store.location.read_bytes("results.parquet")
-    results = pl.read_parquet(io.BytesIO(raw))
+    # Folded from the event logs on every read: results.parquet is rebuilt only when a driver run ends,
+    # so mid-run or after a killed driver it lags, and the report must never write into the directory.
+    results = store.results_frame(plan.keys)
     tested = None
     if significance is not None:
         finished = set(results.filter(pl.col("current") if "current" in results.columns else pl.lit(True))["key"])

@@ -290,9 +290,18 @@ class StudyStore:
 
     # -- compaction -------------------------------------------------------------------------------
     def compact(self, current_keys: set[str] | None = None) -> Path | str:
-        """results.parquet: one row per (trial, target language, task, metric) of finished trials, each
-        trial once (its latest finished event). `current` marks trials of the latest study version;
-        results of earlier versions (an older evaluation suite) stay readable beside them."""
+        """results.parquet: `results_frame` written atomically (a cache for readers outside this project;
+        the event logs stay the truth)."""
+        buffer = io.BytesIO()
+        self.results_frame(current_keys).write_parquet(buffer)
+        self.location.write_atomic("results.parquet", buffer.getvalue())
+        return self.ref("results.parquet")
+
+    def results_frame(self, current_keys: set[str] | None = None):
+        """One row per (trial, target language, task, metric) of finished trials, folded from the event
+        logs as they are now: each trial once (its latest finished event). `current` marks trials of the
+        latest study version; results of earlier versions (an older evaluation suite) stay readable
+        beside them. Writes nothing."""
         import polars as pl
 
         rows = []
@@ -314,10 +323,7 @@ class StudyStore:
                   "sparsity": pl.String, "calibration": pl.String, "seed": pl.Int64, "language": pl.String,
                   "task": pl.String, "metric": pl.String, "value": pl.Float64, "stderr": pl.Float64,
                   "higher_is_better": pl.Boolean, "current": pl.Boolean}
-        buffer = io.BytesIO()
-        pl.DataFrame(rows, schema=schema).write_parquet(buffer)
-        self.location.write_atomic("results.parquet", buffer.getvalue())
-        return self.ref("results.parquet")
+        return pl.DataFrame(rows, schema=schema)
 
 
 def _number(value: object) -> float | None:

@@ -187,3 +187,21 @@ def test_long_tables_are_written_as_parquet_only(tmp_path, monkeypatch):
     assert report.write_table(long, tmp_path, "long") == "long.parquet"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long.parquet", "short.csv", "short.parquet"]
     assert pl.read_parquet(tmp_path / "long.parquet").equals(long)
+
+
+def test_the_report_reads_the_event_logs_and_writes_nothing_into_the_study(study_dir, tmp_path):
+    """results.parquet is a cache the driver rewrites when a run ends: mid-run, or after a killed driver,
+    it lags. The report folds the logs instead, and leaves the study directory as it found it."""
+    stale = StudyStore(study_dir)
+    with StudyStore(study_dir) as store:  # a trial finishes after the last compaction
+        store.append(parse_event({"event": "started", "key": "we1", "attempt": 1, "actor": 1}))
+        store.append(parse_event({"event": "finished", "key": "we1", "name": "m.wanda.en.1", "seconds": 1.0,
+                                  "trial": {"model": "m", "pruner": "wanda", "sparsity": "0.5", "calibration": "en",
+                                            "seed": 1}, "metrics": metrics((1.4, 2.4, 0.5, 0.5))}))
+    assert "we1" not in set(pl.read_parquet(study_dir / "results.parquet")["key"])  # the cache lags
+    (study_dir / "results.parquet").unlink()
+    before = {p: p.stat().st_mtime_ns for p in study_dir.rglob("*")}
+    text = visible_text(build_report(study_dir, tmp_path / "report").read_text(encoding="utf-8"))
+    assert "m.wanda.en.1 not run yet" not in text and "partial: 4 of 5 trials finished" in text
+    assert {p: p.stat().st_mtime_ns for p in study_dir.rglob("*")} == before  # nothing written, nothing created
+    assert stale.results_frame().filter(pl.col("key") == "we1").height == 6
