@@ -150,22 +150,22 @@ def common_text(tokenizer, lm, ids: list[int]) -> tuple[str, int]:
 
 
 def _window_nll_variant(use_cache: bool, mask_when_full: bool):
-    """`engine.evaluate.perplexity.window_nll` with two call options changed (for --variants only;
+    """`engine.evaluate.perplexity.window_token_nll` with two call options changed (for --variants only;
     engine/ is not modified): `use_cache=False` (the forward builds no KV cache) and no attention
     mask when the batch has no padding (every window but a language's last is full)."""
 
     @torch.no_grad()
-    def window_nll(model, batch, attention_mask):
+    def window_token_nll(model, batch, attention_mask):
         full = not mask_when_full and bool(attention_mask.all())
         kwargs = {} if use_cache else {"use_cache": False}
         logits = model(input_ids=batch, attention_mask=None if full else attention_mask, **kwargs).logits
         targets = batch[:, 1:].to(logits.device)
         weights = attention_mask[:, 1:].to(logits.device)
-        rows = [(torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none")
-                 * weights[row]).sum() for row in range(logits.shape[0])]
+        rows = [torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none")
+                * weights[row] for row in range(logits.shape[0])]
         return torch.stack(rows)
 
-    return window_nll
+    return window_token_nll
 
 
 VARIANTS = {"as is": None, "use_cache=False": (False, True), "no mask on full batches": (True, False),
@@ -176,21 +176,21 @@ def time_variants(model, tokenizer, tokens: dict, args) -> dict:
     """Our perplexity over all languages with each VARIANTS entry, best of --repeats, interleaved."""
     import engine.evaluate.perplexity as module
 
-    original = module.window_nll
+    original = module.window_token_nll  # what perplexity() calls per batch
     best, nll = {}, {}
     gate = QuietGate(args.quiet_budget / 2)
     try:
         for attempt in range(args.repeats + 1):  # the first round is a warm-up
             gate.wait()
             for name, options in VARIANTS.items():
-                module.window_nll = original if options is None else _window_nll_variant(*options)
+                module.window_token_nll = original if options is None else _window_nll_variant(*options)
                 started = time.perf_counter()
                 nll[name] = sum(perplexity_of_tokens(model, tokenizer, ids, n_bytes, args.window, args.batch_size).nll
                                 for ids, n_bytes in tokens.values())
                 if attempt:
                     best[name] = min(best.get(name, math.inf), time.perf_counter() - started)
     finally:
-        module.window_nll = original
+        module.window_token_nll = original
     n = sum(len(ids) for ids, _ in tokens.values())
     return {name: {"seconds": best[name], "tokens_per_s": n / best[name],
                    "nll_relative_change": nll[name] / nll["as is"] - 1} for name in VARIANTS}
@@ -321,7 +321,7 @@ def main() -> None:
     parser.add_argument("--quiet-budget", type=float, default=60.0,
                         help="seconds per model to wait for idle CPUs before timed rounds (0: never wait)")
     parser.add_argument("--variants", action="store_true",
-                        help="also time our evaluation with window_nll's call options changed (in this process only)")
+                        help="also time our evaluation with window_token_nll's call options changed (in this process only)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
