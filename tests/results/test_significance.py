@@ -12,7 +12,7 @@ import pytest
 from engine.analyze.significance import SeedSpread, above_chance_p, block_sums, compare, seed_noise
 from engine.evaluate.units import EvaluationUnits, TaskScores, TokenLosses, load_units
 from sweep.results.comparisons import SignificanceSettings, significance_tables
-from sweep.results.reduce import BEST_WITHIN_NOISE, LOSS, TIE, UNTESTED, WIN, reduce_study
+from sweep.results.reduce import LOSS, TIE, UNTESTED, WIN, reduce_study
 from sweep.store.records import PlanRecord
 
 LANGS = ["en", "de", "sw"]
@@ -53,8 +53,11 @@ def synthetic_units(rng: np.random.Generator, plan: PlanRecord, token_effect: fl
     return units
 
 
-def judged(plan: PlanRecord, units: dict[str, EvaluationUnits], settings: SignificanceSettings) -> pl.DataFrame:
-    significance = significance_tables(plan, set(units), units.get, settings, LANGS)
+def judged(plan: PlanRecord, units: dict[str, EvaluationUnits], settings: SignificanceSettings,
+           load=None) -> pl.DataFrame:
+    """The rank table of results computed from `units`; the tests read units through `load` (default:
+    every trial's)."""
+    significance = significance_tables(plan, set(units), load or units.get, settings, LANGS)
     rows = []
     for key, result in units.items():
         for t, losses in result.perplexity.items():
@@ -140,12 +143,22 @@ def test_a_task_at_chance_is_not_informative():
 
 
 def test_trials_without_units_are_untested_not_guessed():
+    """The de-calibrated trial finished (its results are there) but kept no units: every comparison with
+    it is untested, whatever its mean says, and the trial is named."""
     plan = _plan(seeds=1)
     units = synthetic_units(np.random.default_rng(2), plan, token_effect=0.3)
-    ranks = judged(plan, {k: v for k, v in units.items() if ".de." not in k}, SignificanceSettings(resamples=300))
-    # en's best other calibration is sw (de has no units), so en is tested; de's own trial has none.
+
+    def load(key):
+        return None if ".de." in key else units[key]
+
+    ranks = judged(plan, units, SignificanceSettings(resamples=300), load)
     found = verdicts(ranks, "perplexity", "bits_per_byte")
-    assert found["de"] is None or found["de"] == UNTESTED or found["de"] in (BEST_WITHIN_NOISE, WIN)
+    assert found["de"] == UNTESTED  # its own calibration is best by the mean (effect 0.3), but untested
+    de = ranks.filter((pl.col("task") == "perplexity") & (pl.col("target") == "de")).row(0, named=True)
+    assert de["own_is_best"] and de["p_value"] is None
+    significance = significance_tables(plan, set(units), load, SignificanceSettings(resamples=300), LANGS)
+    assert significance.without_units == ["w.de.0"]
+    assert not significance.pairs.filter((pl.col("calibration_a") == "de") | (pl.col("calibration_b") == "de")).height
 
 
 def test_units_round_trip(tmp_path):
