@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from sweep.results.comparisons import SignificanceSettings, SignificanceTables, significance_tables, units_loader
-from sweep.store.records import PlanRecord
+from sweep.store.records import Event, PlanRecord
 from sweep.store.study_store import StudyStore
 
 CELL = ["target", "task", "metric"]
@@ -236,14 +236,14 @@ def _sorted(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def load_tables(study_dir: Path | str, plan: PlanRecord, languages: list[str],
-                significance: SignificanceSettings | None = None) -> StudyTables:
+                significance: SignificanceSettings | None = None, events: list[Event] | None = None) -> StudyTables:
     """The study's tables from its event logs (never from results.parquet, a cache that lags mid-run);
     with `significance` settings, the bootstrap over each finished trial's evaluation units too (read
-    from its artifacts). Reads only."""
+    from its artifacts). `events`: the logs when the caller has read them already. Reads only."""
     store = StudyStore(study_dir)
     # Folded from the event logs on every read: results.parquet is rebuilt only when a driver run ends,
     # so mid-run or after a killed driver it lags, and the report must never write into the directory.
-    results = store.results_frame(plan.keys)
+    results = store.results_frame(plan.keys, events)
     tested = None
     if significance is not None:
         finished = set(results.filter(pl.col("current") if "current" in results.columns else pl.lit(True))["key"])

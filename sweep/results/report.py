@@ -56,7 +56,7 @@ def build_report(study_dir: Path | str, out_dir: Path, extra_sections: list[str]
     events = store.read_events().events
     keys = plan.keys
     languages = list(plan.languages) or sorted({t.calibration for t in plan.trials if t.calibration})
-    tables = load_tables(study_dir, plan, languages, significance_settings(plan))
+    tables = load_tables(study_dir, plan, languages, significance_settings(plan), events)
     stats = run_stats(events, keys)
     study_text = _latest_study_text(store, events)
 

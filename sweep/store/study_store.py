@@ -297,15 +297,15 @@ class StudyStore:
         self.location.write_atomic("results.parquet", buffer.getvalue())
         return self.ref("results.parquet")
 
-    def results_frame(self, current_keys: set[str] | None = None):
+    def results_frame(self, current_keys: set[str] | None = None, events: Iterable[Event] | None = None):
         """One row per (trial, target language, task, metric) of finished trials, folded from the event
         logs as they are now: each trial once (its latest finished event). `current` marks trials of the
         latest study version; results of earlier versions (an older evaluation suite) stay readable
-        beside them. Writes nothing."""
+        beside them. `events`: the logs already read (else they are read here). Writes nothing."""
         import polars as pl
 
         rows = []
-        for key, event in sorted(self.state().finished.items()):
+        for key, event in sorted(self.state(events).finished.items()):
             trial = event.trial or TrialFields(model="", pruner="", sparsity="", calibration=None, seed=None, dense=False)
             for metric in event.metrics:
                 value = metric.get("value")
