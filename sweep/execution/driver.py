@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from sweep.execution.ray_runtime import RayTarget, accelerator_warnings, node_count, start_ray, stop_ray, worker_env
+from sweep.execution.ray_runtime import RayTarget, accelerator_warnings, start_ray, stop_ray, worker_env
 from sweep.execution.worker import ModelWorker, TrialTask, library_versions
 from sweep.exit_codes import ExitCode
 from sweep.plan.fit import check_model_fit
@@ -33,10 +33,13 @@ from sweep.store.records import (
     Unschedulable,
 )
 from sweep.store.study_store import StoreLocked, StudyStore
+from sweep.store.visibility import local_dir_refusal, write_sentinel
 from sweep.study.env import REPO_ROOT, apply_default_env
 from sweep.study.grid import Plan, TrialSpec, expand
 from sweep.study.load import Study, load_study
 from sweep.study.problems import StudyInvalid
+from sweep.study.slices import SliceError, TrialSlice
+from sweep.study.trials import hub_repo
 
 
 @dataclass
@@ -49,6 +52,8 @@ class RunOptions:
     retry_failed: bool = False
     progress: bool = True
     preflight: bool = True
+    only: TrialSlice | None = None  # run only these trials of the plan (plan.json still lists them all)
+    shared_dir: bool = False  # the user says every node mounts this local study directory (checked per node)
 
 
 @dataclass
@@ -128,15 +133,32 @@ def run_plan(plan: Plan, options: RunOptions, out=None, err=None) -> RunOutcome:
     except ValueError as problem:
         print(f"error: --out / execution.output_dir: {problem}", file=err)
         return RunOutcome(ExitCode.INVALID)
+    if store.is_local:
+        refusal = local_dir_refusal(store.location.local_path(), on_cluster=options.address is not None,
+                                    shared=options.shared_dir)
+        if refusal:
+            print(f"error: --out / execution.output_dir: {refusal}. Nothing was run.", file=err)
+            return RunOutcome(ExitCode.INVALID)
+    try:
+        selected = _selected(plan, options.only)
+    except SliceError as problem:
+        print(f"error: --only: {problem}. Nothing was run.", file=err)
+        return RunOutcome(ExitCode.INVALID)
     try:
         store.acquire()
     except StoreLocked as locked:
         print(f"error: {locked}", file=err)
         return RunOutcome(ExitCode.LOCKED)
     try:
-        return _run_locked(study, plan, store, options, out, err)
+        return _run_locked(study, plan, selected, store, options, out, err)
     finally:
         store.release()
+
+
+def _selected(plan: Plan, only: TrialSlice | None) -> list[TrialSpec]:
+    if only is None:
+        return list(plan.trials)
+    return [plan.trials[i] for i in only.select([t.slice_fields() for t in plan.trials])]
 
 
 def preflight(study: Study) -> list:
@@ -161,7 +183,8 @@ def preflight(study: Study) -> list:
     return notes
 
 
-def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions, out, err) -> RunOutcome:
+def _run_locked(study: Study, plan: Plan, selected: list[TrialSpec], store: StudyStore, options: RunOptions, out,
+                err) -> RunOutcome:
     frozen = store.freeze_study(study.file_text)
     store.write_plan(plan_record(plan))
     reading = store.read_events()
@@ -173,9 +196,12 @@ def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions
     state = store.state(reading.events)
     finished = [t for t in plan.trials if state.is_done(t.key)]
     gave_up = [t for t in plan.trials if not state.is_done(t.key) and state.gave_up(t.key)]
-    todo = [t for t in plan.trials if not state.is_done(t.key) and (options.retry_failed or not state.gave_up(t.key))]
+    todo = [t for t in selected if not state.is_done(t.key) and (options.retry_failed or not state.gave_up(t.key))]
     print(f"study {study.name}: {len(plan.trials)} trials; {len(finished)} finished earlier, "
           f"{len(gave_up)} failed earlier{' (retrying)' if options.retry_failed else ''}, {len(todo)} to run", file=out)
+    if options.only is not None:
+        print(f"  slice --only {options.only.text}: {len(selected)} of the {len(plan.trials)} trials (with the dense "
+              "baselines of its models); the rest wait for a run without --only", file=out)
     print(f"  study directory: {store.location.url}", file=out)
     if gave_up and not options.retry_failed:
         print(f"  {len(gave_up)} trial(s) failed in an earlier run and are not retried; add --retry-failed to "
@@ -194,10 +220,6 @@ def _run_locked(study: Study, plan: Plan, store: StudyStore, options: RunOptions
               "authentication); nothing was run.", file=err)
         return RunOutcome(ExitCode.INVALID, store=store.location.url)
     print(f"  {where}", file=out)
-    if options.address and store.is_local and node_count() > 1:
-        print(f"warning: the study directory {store.location.url} is a local path on a {node_count()}-node cluster: "
-              "workers write masks into it on their own node. Use a path every node mounts, or an s3:// / gs:// "
-              "URL.", file=err)
     outcome = None
     try:
         outcome = _schedule(study, plan, todo, state, store, options, out, err, str(frozen),
@@ -218,6 +240,7 @@ class _Recorder:
     the live progress line."""
 
     store: StudyStore
+    study: Study
     progress: LiveProgress
     by_key: dict[str, TrialSpec]
     revision: str | None
@@ -234,7 +257,7 @@ class _Recorder:
             event = replace(event, result=None, trial=trial_fields(trial), spec=trial.payload(),
                             metrics=result.get("metrics", []), pruning=result.get("pruning"),
                             statistics=result.get("statistics_path"), saved_model=result.get("model_path"),
-                            hub_repo=result.get("hub_repo"), timings=result.get("timings"), git=self.revision)
+                            hub_repo=hub_repo(self.study, trial), timings=result.get("timings"), git=self.revision)
             self.durations.append(event.seconds)
             self.finished += 1
             self.progress.log(f"  done    {event.name}  ({event.seconds:.1f} s, actor #{event.actor}, "
@@ -309,27 +332,36 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
               out, err, frozen: str, finished_before: int, failed_before: int) -> RunOutcome:
     import ray
 
-    from sweep.execution.scheduler import Scheduler, SchedulerConfig, SchedulingError
+    from sweep.execution.scheduler import ActorRefused, Scheduler, SchedulerConfig, SchedulingError
 
     execution = study.spec.execution
     jobs, shapes = build_jobs(study, todo, state, store)
     if _unplaceable(shapes, options, execution, err):
         return RunOutcome(ExitCode.INVALID, store=store.location.url)
-    recorder = _Recorder(store, LiveProgress(out, enabled=options.progress), {t.key: t for t in todo},
+    recorder = _Recorder(store, study, LiveProgress(out, enabled=options.progress), {t.key: t for t in todo},
                          git_revision(), len(plan.trials), finished_before, failed_before)
     store.append(RunStarted(study=study.name, study_file=frozen, trials=len(plan.trials), to_run=len(todo),
                             finished_before=finished_before, git=recorder.revision, versions=_driver_versions(),
                             address=options.address, retries=execution.retries,
                             timeout_s=execution.trial_timeout_s))
+    # Each worker checks, before its first trial, that it sees this very directory (not a copy on its own disk).
+    check = write_sentinel(store.location.local_path()) if store.is_local else None
     scheduler = Scheduler(ray.remote(ModelWorker), jobs,
                           SchedulerConfig(retries=execution.retries, timeout_s=execution.trial_timeout_s,
                                           max_actors=options.max_actors or execution.max_actors,
                                           placement_timeout_s=execution.placement_timeout_s),
-                          recorder.emit, actor_options={"runtime_env": {"env_vars": worker_env()}})
+                          recorder.emit, actor_options={"runtime_env": {"env_vars": worker_env()}},
+                          actor_args=(check,))
     started = time.monotonic()
     try:
         with _StopOnSignal(scheduler, recorder.progress) as stop:
             counters = scheduler.run(on_tick=recorder.tick)
+    except ActorRefused as problem:
+        recorder.progress.close()
+        store.append(RunStopped(reason=str(problem)))
+        print(f"error: {problem} Stopped; every trial logged as finished is kept, and the trials in flight run "
+              "again next time.", file=err)
+        return RunOutcome(ExitCode.STORE, finished=recorder.finished, store=store.location.url)
     except SchedulingError as problem:
         recorder.progress.close()
         store.append(RunStopped(reason=str(problem)))
@@ -362,7 +394,7 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
 
 def build_jobs(study: Study, todo: list[TrialSpec], state, store: StudyStore):
     from sweep.execution.scheduler import Job, Shape
-    from sweep.study.trials import evaluation_config, hub_repo, model_source, trial_config
+    from sweep.study.trials import evaluation_config, model_source, trial_config
 
     execution = study.spec.execution
     evaluation = evaluation_config(study)
@@ -377,8 +409,7 @@ def build_jobs(study: Study, todo: list[TrialSpec], state, store: StudyStore):
     for trial in todo:
         config = trial_config(study, trial, evaluation=evaluation, cache_dir=cache_dir)
         task = TrialTask(model_source=sources[trial.model_index], config=config, device=execution.device,
-                         artifacts=str(store.artifact_dir(trial.key)), log_dir=log_dir,
-                         hub_repo=hub_repo(study, trial), hub_private=study.spec.save_models.private)
+                         artifacts=str(store.artifact_dir(trial.key)), log_dir=log_dir)
         jobs.append(Job(key=trial.key, name=trial.name, model=trial.model_label, shape=shapes[trial.model_label],
                         payload=task, earlier_attempts=state.attempts.get(trial.key, 0)))
     return jobs, shapes

@@ -61,12 +61,6 @@ def stop_ray(keep_logs: bool = False) -> str | None:
     return None
 
 
-def node_count() -> int:
-    import ray
-
-    return sum(1 for node in ray.nodes() if node.get("Alive"))
-
-
 def known_accelerator_types() -> set[str]:
     """The accelerator types Ray detects and advertises as `accelerator_type:<name>` resources."""
     try:

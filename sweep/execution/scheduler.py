@@ -81,6 +81,11 @@ class SchedulingError(RuntimeError):
     pass
 
 
+class ActorRefused(SchedulingError):
+    """A worker's start-up check found that it cannot work where it was placed (its `info()` answered a
+    `refusal`): the run stops, since every actor on that node would answer the same."""
+
+
 @dataclass
 class _Slot:
     id: int
@@ -118,8 +123,10 @@ Emit = Callable[[Event], None]
 
 class Scheduler:
     def __init__(self, actor_class: Any, jobs: list[Job], config: SchedulerConfig, emit: Emit,
-                 actor_options: dict | None = None, capacity: Callable[[Shape], int] | None = None):
+                 actor_options: dict | None = None, capacity: Callable[[Shape], int] | None = None,
+                 actor_args: tuple = ()):
         self.actor_class = actor_class
+        self.actor_args = actor_args
         self.config = config
         self.emit = emit
         self.actor_options = actor_options or {}
@@ -213,7 +220,7 @@ class Scheduler:
                    "max_task_retries": 0}
         if shape.accelerator:
             options["accelerator_type"] = shape.accelerator
-        handle = self.actor_class.options(**options).remote()
+        handle = self.actor_class.options(**options).remote(*self.actor_args)
         self._next_id += 1
         slot = _Slot(id=self._next_id, handle=handle, shape=shape, info_ref=handle.info.remote())
         self.slots[slot.id] = slot
@@ -233,6 +240,10 @@ class Scheduler:
             return
         self._start_failures = 0
         self.emit(ActorStarted(**slot.describe(), shape=slot.shape.describe(), versions=slot.info.get("versions") or {}))
+        refusal = slot.info.get("refusal")
+        if refusal:
+            raise ActorRefused(f"worker #{slot.id} on {slot.info.get('host')} (node {slot.info.get('node')}): "
+                               f"{refusal}")
 
     def _release(self, slot: _Slot, why: str) -> None:
         ray.kill(slot.handle, no_restart=True)
@@ -417,4 +428,5 @@ def _first_line(err: BaseException) -> str:
     return text[0][:500] if text else type(err).__name__
 
 
-__all__ = ["Job", "Shape", "Scheduler", "SchedulerConfig", "SchedulingError", "Counters", "cluster_capacity"]
+__all__ = ["ActorRefused", "Job", "Shape", "Scheduler", "SchedulerConfig", "SchedulingError", "Counters",
+           "cluster_capacity"]

@@ -25,6 +25,7 @@ from engine.io import calibration_cache_dir
 from engine.placement import ModelDoesNotFit
 from sweep.execution.replies import WorkerReply
 from sweep.store.artifacts import publish_directory
+from sweep.store.visibility import SentinelCheck, sentinel_problem
 from sweep.study.env import quiet_libraries
 
 
@@ -35,8 +36,6 @@ class TrialTask:
     device: str = "auto"  # auto | cpu | cuda
     artifacts: str | None = None  # where this trial's artifacts go: a local directory or an fsspec URL
     log_dir: str | None = None  # library output (progress bars, notices) goes to a file here
-    hub_repo: str | None = None  # upload the saved pruned model here
-    hub_private: bool = True
 
 
 FAULTS_ENV = "SWEEP_INJECT_FAULTS"
@@ -66,9 +65,10 @@ def library_versions() -> dict[str, str]:
 
 
 class ModelWorker:
-    def __init__(self) -> None:
+    def __init__(self, study_dir_check: SentinelCheck | None = None) -> None:
         self.model_id: str | None = None
         self.loaded = None
+        self.study_dir_check = study_dir_check
         self._quiet()
 
     @staticmethod
@@ -91,8 +91,12 @@ class ModelWorker:
         cpus = os.environ.get("OMP_NUM_THREADS")
         if cpus and cpus.isdigit():
             torch.set_num_threads(int(cpus))
+        # Checked before the first trial, so a node that does not mount the study directory stops the run
+        # instead of writing artifacts onto its own disk.
+        refusal = sentinel_problem(self.study_dir_check) if self.study_dir_check is not None else None
         return {"node": node, "host": socket.gethostname(), "pid": os.getpid(), "gpus": gpus,
-                "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "versions": library_versions()}
+                "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "versions": library_versions(),
+                "refusal": refusal}
 
     def load(self, task: TrialTask, model_id: str) -> WorkerReply:
         """Makes this actor hold `model_id` (freeing the model it held first)."""
@@ -190,8 +194,6 @@ class ModelWorker:
         try:
             with _library_output(task.log_dir):
                 result = run_trial(config, self.loaded)
-            if task.hub_repo and result.get("model_path"):
-                result["hub_repo"] = upload_model(Path(result["model_path"]), task.hub_repo, task.hub_private)
             if staging and task.artifacts:
                 published = publish_directory(local_artifacts, task.artifacts)
                 if "pruning" in result and "masks_path" in result["pruning"]:
@@ -206,17 +208,6 @@ class ModelWorker:
             if staging:
                 shutil.rmtree(local_artifacts, ignore_errors=True)
         return result
-
-
-def upload_model(folder: Path, repo: str, private: bool) -> str:
-    """Uploads a saved pruned model to the hub (HF_TOKEN in the worker's environment)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
-                      commit_message=f"pruned model from calibration-sweep ({folder.parent.name})")
-    return repo
 
 
 class DeviceUnavailable(RuntimeError):

@@ -262,6 +262,7 @@ def render(plan: PlanRecord, tables: StudyTables, stats: RunStats, heatmaps: lis
     sections.append(Section("Run statistics", table_html(pl.DataFrame([
         ["trials in the plan", str(total)], ["finished", str(len(finished_keys))],
         ["failed (retries used up)", str(stats.trials_gave_up)], ["driver runs", str(stats.driver_runs)],
+        ["trials forgotten (sweep forget)", str(stats.trials_forgotten)],
         ["attempts", str(stats.attempts)], ["failed attempts", str(stats.attempts_failed)],
         ["workers lost", str(stats.workers_lost)], ["model loads", str(stats.model_loads)],
         ["worker hours in trials", f"{stats.worker_hours:.3f}"], ["GPU hours in trials", f"{stats.gpu_hours:.3f}"],
@@ -280,7 +281,8 @@ def render(plan: PlanRecord, tables: StudyTables, stats: RunStats, heatmaps: lis
         study=plan.study, state=state, findings=findings(tables),
         heatmaps=[Figure(h.title, base64.b64encode(h.png).decode("ascii")) for h in heatmaps],
         sections=sections, extra_sections=[Markup(s) for s in extra_sections], study_text=study_text,
-        written=datetime.now(UTC).isoformat(timespec="seconds"))
+        written=datetime.now(UTC).isoformat(timespec="seconds"),
+        as_of=datetime.fromtimestamp(max((e.time for e in events), default=0.0), UTC).isoformat(timespec="seconds"))
 
 
 def _untested_note(tables: StudyTables) -> Markup:

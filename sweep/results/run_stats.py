@@ -12,6 +12,7 @@ from sweep.store.records import (
     RunStarted,
     TrialFailed,
     TrialFinished,
+    TrialsForgotten,
     TrialStarted,
 )
 
@@ -23,6 +24,7 @@ class RunStats:
     attempts: int = 0
     attempts_failed: int = 0
     trials_gave_up: int = 0
+    trials_forgotten: int = 0  # named by `sweep forget` (each time)
     workers_lost: int = 0
     worker_hours: float = 0.0  # actor time spent in trials (finished and failed attempts)
     gpu_hours: float = 0.0  # the same, times the GPUs each actor held
@@ -66,6 +68,10 @@ def run_stats(events: list[Event], current_keys: set[str] | None = None) -> RunS
                     gave_up.add(event.key)
         elif isinstance(event, ActorLost):
             stats.workers_lost += 1
+        elif isinstance(event, TrialsForgotten):  # their compute was spent; their results no longer count
+            finished.difference_update(event.keys)
+            gave_up.difference_update(event.keys)
+            stats.trials_forgotten += len(event.keys)
     if current_keys is not None:
         finished &= current_keys
         gave_up &= current_keys

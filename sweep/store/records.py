@@ -219,7 +219,7 @@ class TrialFinished(OnTrial):
     pruning: dict | None = None  # the pruning report (method, sparsity reached, timings, ...)
     statistics: str | None = None  # the statistics artifact
     saved_model: str | None = None
-    hub_repo: str | None = None
+    hub_repo: str | None = None  # where `sweep push` uploads its saved model (save_models.hub_repo)
     timings: dict | None = None  # seconds per stage (engine.trial)
     git: str | None = None
 
@@ -249,6 +249,20 @@ class Unschedulable(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrialsForgotten(Event):
+    """`sweep forget`: these trials count as not run from now on (their earlier events stay in the log,
+    and their artifacts are replaced when they run again). An older version reading this line takes it
+    for an unknown kind and would still see the trials finished."""
+
+    KIND: ClassVar[str] = "forgotten"
+    keys: list = field(default_factory=list)
+    selection: str = ""  # what the user asked for, as typed
+    reason: str = ""
+    user: str = ""
+    host: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class UnknownEvent(Event):
     """A line of a kind this version does not know (a newer version wrote it): kept as read."""
 
@@ -261,7 +275,7 @@ class UnknownEvent(Event):
 
 EVENT_KINDS: dict[str, type[Event]] = {cls.KIND: cls for cls in (
     RunStarted, RunEnded, RunStopped, ActorStarted, ActorFailed, ActorReleased, ActorLost, ModelLoaded,
-    TrialStarted, TrialFinished, TrialFailed, TrialAbandoned, Unschedulable)}
+    TrialStarted, TrialFinished, TrialFailed, TrialAbandoned, Unschedulable, TrialsForgotten)}
 
 
 def parse_event(data: dict[str, Any]) -> Event:

@@ -32,6 +32,7 @@ from sweep.store.records import (
     TrialFailed,
     TrialFields,
     TrialFinished,
+    TrialsForgotten,
     TrialStarted,
     parse_event,
 )
@@ -87,7 +88,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def study_state(events: Iterable[Event]) -> StudyState:
-    """Which trials finished, which failed last (and not finished since), how often each started."""
+    """Which trials finished, which failed last (and not finished since), how often each started. A trial
+    `sweep forget` named counts as neither finished nor failed until it finishes or fails again."""
     finished: dict[str, TrialFinished] = {}
     failed: dict[str, TrialFailed] = {}
     attempts: dict[str, int] = {}
@@ -101,6 +103,10 @@ def study_state(events: Iterable[Event]) -> StudyState:
             failed.pop(event.key, None)
         elif isinstance(event, TrialFailed) and event.key and event.key not in finished:
             failed[event.key] = event
+        elif isinstance(event, TrialsForgotten):
+            for key in event.keys:
+                finished.pop(key, None)
+                failed.pop(key, None)
     return StudyState(finished=finished, failed=failed, attempts=attempts)
 
 

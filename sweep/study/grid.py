@@ -22,6 +22,7 @@ from engine.prune.params import PRUNER_PARAMS
 from engine.prune.sparsity import Sparsity, parse_sparsity
 from sweep.study.load import LanguageMix, Study
 from sweep.study.schema import ModelSpec, PrunerSpec, TextSource
+from sweep.study.slices import SliceFields
 
 KEY_VERSION = 1
 
@@ -54,6 +55,11 @@ class TrialSpec:
 
     def payload(self) -> dict[str, Any]:
         return json.loads(self.identity)
+
+    def slice_fields(self) -> SliceFields:
+        return SliceFields(model=self.model_label, pruner=self.pruner_label or "dense",
+                           sparsity=self.sparsity.canonical() if self.sparsity else "0",
+                           calibration=self.calibration.canonical() if self.calibration else None, seed=self.seed)
 
 
 @dataclass(frozen=True)

@@ -226,9 +226,10 @@ class SaveModelsSpec(Strict):
 
     enabled: StrictBool = Field(False, description="save each pruned model under `artifacts/<key>/model`")
     hub_repo: StrictStr | None = Field(
-        None, description="upload each to this hub repo, a template such as 'me/{model}-{pruner}-{sparsity}-"
-                          "{calibration}-seed{seed}'; needs HF_TOKEN on the workers")
-    private: StrictBool = Field(True, description="hub repos are created private")
+        None, description="the hub repo each is uploaded to by `sweep push` (never by the workers), a template such "
+                          "as 'me/{model}-{pruner}-{sparsity}-{calibration}-seed{seed}'; needs HF_TOKEN where "
+                          "`sweep push` runs")
+    private: StrictBool = Field(True, description="hub repos `sweep push` creates are private (override: --public)")
 
     @field_validator("hub_repo")
     @classmethod

@@ -161,7 +161,7 @@ def test_ray_node_script_restarts_and_stops_only_the_ray_it_started():
 
     import psutil
 
-    from tests.execution.test_ray_jobs import BIN, free_port_range, free_ports
+    from tests.ray_processes import BIN, free_port_range, free_ports
 
     root = Path(tempfile.mkdtemp(prefix="swn-", dir="/tmp"))  # short: Ray's socket paths stay < 107 bytes
     token_file = root / "auth_token"

@@ -13,8 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,16 +22,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
 from sweep.store.study_store import StudyStore
 from tests.conftest import REPO, light_demo_study
+from tests.ray_processes import BIN, free_port_range, free_ports, stop_started
 
 pytestmark = pytest.mark.slow
-
-BIN = Path(sys.executable).parent  # the venv's bin: ray, sweep
-
 
 @dataclass
 class Head:
@@ -43,90 +38,6 @@ class Head:
     token: str
     work: Path  # study files and study directories (under the head's unique root)
     process: subprocess.Popen
-
-
-# -- ports and processes --------------------------------------------------------------------------
-def free_ports(count: int) -> list[int]:
-    """Ports free right now, all different (each socket stays bound until all are chosen)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def free_port_range(size: int, taken: set[int]) -> int:
-    """The first port of `size` consecutive free ports (for the head's worker processes)."""
-    rng = secrets.SystemRandom()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - size)
-        span = range(base, base + size)
-        if taken.intersection(span):
-            continue
-        try:
-            for port in span:
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError(f"no {size} consecutive free ports")
-
-
-def started_processes(head: subprocess.Popen, marker: str) -> list[psutil.Process]:
-    """Every process this test started: the `ray start` process and its descendants, every process whose
-    command line names the head's unique root directory, and their descendants. Nothing else."""
-    found: dict[int, psutil.Process] = {}
-
-    def add_tree(proc: psutil.Process) -> None:
-        try:
-            found.setdefault(proc.pid, proc)
-            for child in proc.children(recursive=True):
-                found.setdefault(child.pid, child)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-
-    try:
-        add_tree(psutil.Process(head.pid))
-    except psutil.NoSuchProcess:
-        pass
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(marker in part for part in (proc.info["cmdline"] or [])):
-                add_tree(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    found.pop(os.getpid(), None)
-    return list(found.values())
-
-
-def stop_started(head: subprocess.Popen, marker: str) -> None:
-    """Stops exactly the processes started for this head: SIGTERM to `ray start --block` (which shuts its
-    node down), then SIGTERM to whatever of ours is left, then SIGKILL; each step waits a few seconds.
-    Repeated while any is left (a raylet being stopped may still have spawned a worker)."""
-    steps = [("head", signal.SIGTERM, 10.0), ("all", signal.SIGTERM, 5.0)] + [("all", signal.SIGKILL, 5.0)] * 3
-    for who, signum, wait_s in steps:
-        procs = started_processes(head, marker)
-        if not procs:
-            break
-        targets = [p for p in procs if p.pid == head.pid] if who == "head" else procs
-        for proc in targets or procs:
-            try:
-                proc.send_signal(signum)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        psutil.wait_procs(procs, timeout=wait_s)
-    try:
-        head.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    left = started_processes(head, marker)
-    assert not left, f"processes of the test head still running: {[p.pid for p in left]}"
 
 
 # -- the head ---------------------------------------------------------------------------------------
@@ -269,7 +180,8 @@ def test_sweep_run_as_a_ray_job_stopped_resumed_and_grown_through_the_entry_scri
     out = head.work / "out"
     plan = planned(head, study)
     assert len(plan) == 8  # dense + magnitude + (wanda 50%, wanda 2:4, sparsegpt 50%) x 2 languages
-    run = ["sweep", "run", str(study), "--out", str(out), "--no-progress"]
+    # One machine: the head's disk is every node's disk, which --shared-dir says (and each worker checks).
+    run = ["sweep", "run", str(study), "--out", str(out), "--no-progress", "--shared-dir"]
 
     # Submitted without waiting; one trial hangs (the workers' fault drill) so the job is still running
     # when every other trial has finished; then `ray job stop`.
@@ -303,7 +215,7 @@ def test_sweep_run_as_a_ray_job_stopped_resumed_and_grown_through_the_entry_scri
     grown_plan = planned(head, grown)
     assert set(plan) < set(grown_plan) and len(grown_plan) == 11
     entry = subprocess.run([sys.executable, str(REPO / "scripts" / "run_study.py"), str(grown), "--out", str(out),
-                            "--no-progress"], cwd=head.work, env=head.env, capture_output=True, text=True,
+                            "--no-progress", "--shared-dir"], cwd=head.work, env=head.env, capture_output=True, text=True,
                            timeout=300)
     assert entry.returncode == 0, entry.stdout[-6000:] + entry.stderr[-6000:]
     assert "8 finished earlier" in entry.stdout and "3 to run" in entry.stdout, entry.stdout
@@ -315,3 +227,15 @@ def test_sweep_run_as_a_ray_job_stopped_resumed_and_grown_through_the_entry_scri
                             text=True, timeout=120)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "11/11 done" in status.stdout, status.stdout
+
+
+def test_a_job_whose_study_directory_would_be_lost_is_refused_before_any_trial(head):
+    """A relative --out in a job lands in Ray's copy of the working directory, which Ray deletes with the
+    job: the job fails, saying why, before any trial. (A local --out without --shared-dir on a cluster is
+    refused the same way: tests/execution/test_multinode.py.)"""
+    study = light_demo_study(head.work, name="lost", models=("demo-llama",), languages=["en"])
+    job = submit(head, "lost-1", "sweep", "run", str(study), "--out", "runs/lost", "--no-progress")
+    assert job.returncode != 0 and job_status(head, "lost-1") == "FAILED", job.stdout[-4000:]
+    logs = ray_cli(head, "job", "logs", "--address", head.dashboard, "lost-1").stdout
+    assert "lies inside Ray's temporary copy of the job's working directory" in logs, logs[-4000:]
+    assert "Nothing was run." in logs and "started an embedded Ray" not in logs

@@ -196,7 +196,7 @@ def test_lost_node_leaves_its_trials_to_the_other_node(assets, tmp_path, monkeyp
         killer = threading.Thread(target=lose_a_node_mid_run, daemon=True)
         killer.start()
         try:
-            outcome = run_study(study_path, RunOptions(address=cluster.address, progress=False))
+            outcome = run_study(study_path, RunOptions(address=cluster.address, progress=False, shared_dir=True))
         finally:
             removed.set()
             killer.join()
@@ -403,7 +403,7 @@ def test_an_actor_larger_than_any_node_is_reported_unschedulable_not_left_hangin
     path.write_text(yaml.safe_dump(study))
     with in_process_cluster(monkeypatch, {"num_cpus": 1, "num_gpus": 2}, {"num_cpus": 1, "num_gpus": 2}) as (cluster, _):
         started = time.monotonic()
-        outcome = run_study(path, RunOptions(address=cluster.address, progress=False))
+        outcome = run_study(path, RunOptions(address=cluster.address, progress=False, shared_dir=True))
         seconds = time.monotonic() - started
     assert outcome.code == 1 and outcome.failed == 2 and seconds < 120
     err = capsys.readouterr().err
@@ -424,11 +424,11 @@ def test_accelerator_type_keeps_a_model_on_nodes_with_those_gpus(assets, tmp_pat
     path.write_text(yaml.safe_dump(study))
     nodes = ({"num_cpus": 2, "num_gpus": 2}, {"num_cpus": 2, "num_gpus": 2, "resources": {"accelerator_type:H100": 1}})
     with in_process_cluster(monkeypatch, *nodes) as (cluster, (_, h100)):
-        outcome = run_study(path, RunOptions(address=cluster.address, progress=False))
+        outcome = run_study(path, RunOptions(address=cluster.address, progress=False, shared_dir=True))
         study["models"][0]["accelerator_type"] = "A100-80G"
         study["name"] = "light-a100"
         path.write_text(yaml.safe_dump(study))
-        missing = run_study(path, RunOptions(address=cluster.address, progress=False))
+        missing = run_study(path, RunOptions(address=cluster.address, progress=False, shared_dir=True))
     assert outcome.code == 0
     finished = of_kind(events(tmp_path / "runs" / "light"), "finished")
     assert len(finished) == 3 and {e["node"] for e in finished} == {h100.node_id}

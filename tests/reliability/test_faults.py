@@ -219,7 +219,7 @@ def test_node_removed_mid_trial(reference, tmp_path, monkeypatch):
 
         thread = threading.Thread(target=remover, daemon=True)
         thread.start()
-        outcome = run_study(study, RunOptions(out=str(out), address=cluster.address, progress=False))
+        outcome = run_study(study, RunOptions(out=str(out), address=cluster.address, progress=False, shared_dir=True))
         thread.join(timeout=5)
     assert removed and outcome.code == 0, outcome
     figures = check_complete(out, reference_out)

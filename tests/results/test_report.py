@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -12,7 +13,7 @@ import pytest
 
 from sweep.cli.main import main
 from sweep.results.report import build_report
-from sweep.store.records import PlanRecord, parse_event
+from sweep.store.records import PlanRecord, TrialsForgotten, parse_event
 from sweep.store.study_store import StudyStore
 
 
@@ -203,5 +204,15 @@ def test_the_report_reads_the_event_logs_and_writes_nothing_into_the_study(study
     before = {p: p.stat().st_mtime_ns for p in study_dir.rglob("*")}
     text = visible_text(build_report(study_dir, tmp_path / "report").read_text(encoding="utf-8"))
     assert "m.wanda.en.1 not run yet" not in text and "partial: 4 of 5 trials finished" in text
+    latest = max(e.time for e in StudyStore(study_dir).read_events().events)
+    as_of = datetime.fromtimestamp(latest, UTC).isoformat(timespec="seconds")
+    assert f"Results as of {as_of} (the latest event in the study directory's logs)" in text, text[:600]
+
     assert {p: p.stat().st_mtime_ns for p in study_dir.rglob("*")} == before  # nothing written, nothing created
     assert stale.results_frame().filter(pl.col("key") == "we1").height == 6
+
+    # A forgotten trial is no longer a result: the report says it is to run again.
+    with StudyStore(study_dir) as store:
+        store.append(TrialsForgotten(keys=["we1"], selection="m.wanda.en.1"))
+    text = visible_text(build_report(study_dir, tmp_path / "report2").read_text(encoding="utf-8"))
+    assert "m.wanda.en.1 not run yet" in text and "trials forgotten (sweep forget) 1" in text, text
