@@ -11,19 +11,9 @@ import os
 import sys
 
 from sweep.exit_codes import ExitCode
-from sweep.share.export import (
-    ExportError,
-    ExportFailed,
-    MlflowTarget,
-    StudyExport,
-    WandbTarget,
-    open_mlflow,
-    read_export,
-    require_mlflow,
-    require_wandb,
-    write_mlflow,
-    write_wandb,
-)
+from sweep.share.export_records import ExportError, ExportFailed, StudyExport, read_export
+from sweep.share.to_mlflow import MlflowTarget, open_mlflow, require_mlflow, write_mlflow
+from sweep.share.to_wandb import WandbTarget, require_wandb, write_wandb
 
 DEFAULT_WANDB_PROJECT = "calibration-sweep"
 # Flags that mean something to one target only: given with the other, they are a mistake worth saying

@@ -13,6 +13,7 @@ from sweep.cli.export import register as register_export
 from sweep.cli.forget import register as register_forget
 from sweep.cli.format import format_plan, plan_as_dict
 from sweep.cli.push import register as register_push
+from sweep.cli.status import register as register_status
 from sweep.execution.driver import RunOptions, print_warnings, run_plan
 from sweep.execution.prefetch_nodes import prefetch_each_node
 from sweep.exit_codes import ExitCode
@@ -22,7 +23,6 @@ from sweep.plan.prefetch.items import plan_prefetch
 from sweep.plan.prefetch.models import offline_gaps
 from sweep.plan.prefetch.results import format_item, format_summary
 from sweep.plan.prefetch.run import run_prefetch
-from sweep.results.status import print_status
 from sweep.store.records import ModelLoaded
 from sweep.store.study_store import StudyStore
 from sweep.study.env import apply_default_env
@@ -232,10 +232,6 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return ExitCode.OK if ok else ExitCode.FAILED_TRIALS
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    return print_status(args.directory, show_failures=args.failures)
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from sweep.results.report import ReportError, build_report  # deferred: polars and matplotlib
 
@@ -321,10 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_push(sub)
     register_export(sub)
 
-    p = sub.add_parser("status", help="summary of a study directory, running or stopped")
-    p.add_argument("directory")
-    p.add_argument("--failures", action="store_true", help="print each failed trial's last error and traceback")
-    p.set_defaults(func=cmd_status)
+    register_status(sub)
 
     p = sub.add_parser("report", help="tables, heat maps and findings of a study directory -> reports/<study>/")
     p.add_argument("directory")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from sweep.execution.ray_runtime import RayTarget, accelerator_warnings, start_r
 from sweep.execution.worker import ModelWorker, TrialTask, library_versions
 from sweep.exit_codes import ExitCode
 from sweep.plan.fit import check_model_fit
-from sweep.results.progress import LiveProgress, Summary, estimate_eta, format_duration
+from sweep.results.progress import LiveProgress, Summary, format_duration, model_work, study_eta
 from sweep.store.records import (
     ActorLost,
     Event,
@@ -39,7 +40,6 @@ from sweep.study.grid import Plan, TrialSpec, expand
 from sweep.study.load import Study, load_study
 from sweep.study.problems import StudyInvalid
 from sweep.study.slices import SliceError, TrialSlice
-from sweep.study.trials import hub_repo
 
 
 @dataclass
@@ -240,14 +240,16 @@ class _Recorder:
     the live progress line."""
 
     store: StudyStore
-    study: Study
     progress: LiveProgress
     by_key: dict[str, TrialSpec]
     revision: str | None
     total: int
     finished_before: int
     failed_before: int
-    durations: list[float] = field(default_factory=list)
+    hub_repos: dict[str, str | None] = field(default_factory=dict)  # key -> where `sweep push` uploads it
+    plan_trials: tuple[tuple[str, str], ...] = ()  # (key, model) of every planned trial, for the ETA
+    done: dict[str, float] = field(default_factory=dict)  # key -> seconds of its finished trial, any run
+    gave_up: set[str] = field(default_factory=set)
     finished: int = 0
     failed: int = 0
 
@@ -257,14 +259,16 @@ class _Recorder:
             event = replace(event, result=None, trial=trial_fields(trial), spec=trial.payload(),
                             metrics=result.get("metrics", []), pruning=result.get("pruning"),
                             statistics=result.get("statistics_path"), saved_model=result.get("model_path"),
-                            hub_repo=hub_repo(self.study, trial), timings=result.get("timings"), git=self.revision)
-            self.durations.append(event.seconds)
+                            hub_repo=self.hub_repos.get(event.key), timings=result.get("timings"), git=self.revision)
+            self.done[event.key] = event.seconds
             self.finished += 1
             self.progress.log(f"  done    {event.name}  ({event.seconds:.1f} s, actor #{event.actor}, "
                               f"attempt {event.attempt})")
         elif isinstance(event, TrialFailed):
             event = replace(event, trial=trial_fields(self.by_key[event.key]), git=self.revision)
             self.failed += event.final
+            if event.final:
+                self.gave_up.add(event.key)
             verdict = "gave up" if event.final else "will retry"
             self.progress.log(f"  failed  {event.name}  attempt {event.attempt} ({verdict}): {event.error}")
         elif isinstance(event, Unschedulable):
@@ -278,11 +282,22 @@ class _Recorder:
     def tick(self, scheduler) -> None:
         self.store.heartbeat()
         running, left = len(scheduler.running()), scheduler.queued()
-        actors = sum(1 for slot in scheduler.slots.values() if slot.info is not None)
         self.progress.update(Summary(total=self.total, done=self.finished_before + self.finished, running=running,
                                      failed=self.failed_before + self.failed, left=left,
-                                     eta_s=estimate_eta(self.durations, left, running, actors),
-                                     actors=scheduler.holdings()))
+                                     eta_s=self.eta(scheduler), actors=scheduler.holdings()))
+
+    def eta(self, scheduler) -> float | None:
+        """Per model: its measured seconds per trial times its work left, over the actors on it (the same
+        estimate `sweep status` gives; see sweep.results.progress.study_eta). None until every model with
+        work left has finished a trial."""
+        now = time.monotonic()
+        running = {slot.job.key: (0.0 if slot.loading else now - slot.since) for slot in scheduler.running()}
+        actors = Counter(slot.model or slot.job.model for slot in scheduler.slots.values()
+                         if slot.model or slot.job is not None)
+        pools = {model: shape.describe() for model, shape in scheduler.shapes.items()}
+        pool_actors = Counter(slot.shape.describe() for slot in scheduler.slots.values())
+        works = model_work(self.plan_trials, self.done, self.gave_up, running, actors, pools)
+        return study_eta(works, pool_actors=pool_actors).eta_s
 
 
 class _StopOnSignal:
@@ -333,13 +348,19 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
     import ray
 
     from sweep.execution.scheduler import ActorRefused, Scheduler, SchedulerConfig, SchedulingError
+    from sweep.study.trials import hub_repo  # engine.trial, torch
 
     execution = study.spec.execution
     jobs, shapes = build_jobs(study, todo, state, store)
     if _unplaceable(shapes, options, execution, err):
         return RunOutcome(ExitCode.INVALID, store=store.location.url)
-    recorder = _Recorder(store, study, LiveProgress(out, enabled=options.progress), {t.key: t for t in todo},
-                         git_revision(), len(plan.trials), finished_before, failed_before)
+    todo_keys = {t.key for t in todo}
+    recorder = _Recorder(store, LiveProgress(out, enabled=options.progress), {t.key: t for t in todo},
+                         git_revision(), len(plan.trials), finished_before, failed_before,
+                         hub_repos={t.key: hub_repo(study, t) for t in todo},
+                         plan_trials=tuple((t.key, t.model_label) for t in plan.trials),
+                         done={t.key: state.finished[t.key].seconds for t in plan.trials if state.is_done(t.key)},
+                         gave_up={t.key for t in plan.trials if state.gave_up(t.key) and t.key not in todo_keys})
     store.append(RunStarted(study=study.name, study_file=frozen, trials=len(plan.trials), to_run=len(todo),
                             finished_before=finished_before, git=recorder.revision, versions=_driver_versions(),
                             address=options.address, retries=execution.retries,

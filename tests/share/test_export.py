@@ -17,13 +17,9 @@ import pytest
 
 from sweep.cli.export import register
 from sweep.exit_codes import ExitCode
-from sweep.share.export import (
-    build_export,
-    metrics_table,
-    mlflow_keys,
-    read_export,
-    wandb_run_id,
-)
+from sweep.share.export_records import build_export, metrics_table, read_export
+from sweep.share.to_mlflow import mlflow_keys
+from sweep.share.to_wandb import wandb_run_id
 from sweep.store.records import (
     ActorLost,
     ModelLoaded,
