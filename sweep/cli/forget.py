@@ -2,18 +2,20 @@
 
 Nothing is deleted: one `forgotten` event names the trials, and from then on the study counts them as
 not run, so the next `sweep run` runs them, and their new artifacts replace the old. The event is
-appended under the driver lock, so it never races a running driver (which is the only other writer).
+appended under the driver lock, so it never races a running driver (the only other writer): while one
+runs, `sweep forget` refuses (exit 3) and changes nothing.
 """
 from __future__ import annotations
 
 import argparse
 import fnmatch
 import getpass
+import os
 import socket
 import sys
 
 from sweep.exit_codes import ExitCode
-from sweep.store.records import PlannedTrial, TrialsForgotten
+from sweep.store.records import Event, PlannedTrial, TrialFailed, TrialFinished, TrialsForgotten
 from sweep.store.study_store import StoreLocked, StudyStore
 from sweep.study.slices import SliceError, SliceFields, TrialSlice
 
@@ -41,6 +43,29 @@ def select_trials(trials: list[PlannedTrial], selection: str) -> list[PlannedTri
     return named
 
 
+def forget_trials(store: StudyStore, events: list[Event], keys: list[str], selection: str, reason: str) -> None:
+    """Appends one `forgotten` event for `keys` under the driver lock (StoreLocked while a driver runs).
+    Each key is forgotten up to its latest finished or failed event in `events`."""
+    wanted = set(keys)
+    until: dict[str, float] = {}
+    for event in events:
+        if isinstance(event, (TrialFinished, TrialFailed)) and event.key in wanted:
+            until[event.key] = max(until.get(event.key, float("-inf")), event.time)
+    store.acquire()
+    try:
+        store.append(TrialsForgotten(keys=list(keys), until=until, selection=selection, reason=reason,
+                                     user=_user(), host=socket.gethostname()))
+    finally:
+        store.release()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        return str(os.getuid())
+
+
 def cmd_forget(args: argparse.Namespace) -> int:
     store = StudyStore(args.directory)
     plan = store.read_plan()
@@ -52,7 +77,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     except SliceError as problem:
         print(f"error: {problem}; nothing was changed", file=sys.stderr)
         return ExitCode.INVALID
-    state = store.state()
+    events = store.read_events().events
+    state = store.state(events)
     ran = [t for t in chosen if state.is_done(t.key) or t.key in state.failed]
     if not ran:
         print(f"{len(chosen)} trial(s) match, none of them finished or failed: nothing to forget")
@@ -63,20 +89,15 @@ def cmd_forget(args: argparse.Namespace) -> int:
         print(f"dry run: {len(ran)} trial(s) would run again; nothing was changed")
         return ExitCode.OK
     try:
-        store.acquire()
+        forget_trials(store, events, [t.key for t in ran], args.selection, args.reason or "")
     except StoreLocked as locked:
         print(f"error: {locked}. Forget trials between runs (stop the driver first, or after it ends); nothing "
               "was changed", file=sys.stderr)
         return ExitCode.LOCKED
-    try:
-        store.append(TrialsForgotten(keys=[t.key for t in ran], selection=args.selection, reason=args.reason or "",
-                                     user=getpass.getuser(), host=socket.gethostname()))
     except OSError as problem:
         print(f"error: cannot write the study directory {store.location.url}: {problem}; nothing was changed",
               file=sys.stderr)
         return ExitCode.STORE
-    finally:
-        store.release()
     print(f"{len(ran)} trial(s) will run again on the next `sweep run` of this study directory; their earlier "
           "events stay in the log")
     return ExitCode.OK

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sweep.cli.export import register as register_export
+from sweep.cli.forget import forget_trials
 from sweep.cli.forget import register as register_forget
 from sweep.cli.format import format_plan, plan_as_dict
 from sweep.cli.push import register as register_push
@@ -24,7 +25,7 @@ from sweep.plan.prefetch.models import offline_gaps
 from sweep.plan.prefetch.results import format_item, format_summary
 from sweep.plan.prefetch.run import run_prefetch
 from sweep.store.records import ModelLoaded
-from sweep.store.study_store import StudyStore
+from sweep.store.study_store import StoreLocked, StudyStore
 from sweep.study.env import apply_default_env
 from sweep.study.grid import Plan, expand
 from sweep.study.load import Study, load_study
@@ -143,7 +144,14 @@ def _run_smoke(study: Study, plan: Plan, options: RunOptions, study_path: str) -
     where = smoke_location(str(options.out or study.output_location))
     print(f"smoke run of {study.name}: {len(trials)} trial(s), one per model, with tiny budgets, into {where} (the "
           f"study directory {options.out or study.output_location} is not touched)")
-    outcome = run_plan(Plan(study=smoke, trials=tuple(trials)), replace(options, out=where, only=None))
+    code = _forget_earlier_smoke(where, [t.key for t in trials])
+    if code != ExitCode.OK:
+        return code
+    # Every smoke runs afresh (a smoke that passed last week says nothing of today's nodes and code).
+    outcome = run_plan(Plan(study=smoke, trials=tuple(trials)), replace(options, out=where, only=None,
+                                                                        retry_failed=True))
+    if outcome.code in (ExitCode.INVALID, ExitCode.LOCKED):
+        return outcome.code  # refused before anything ran: its own message says why
     for line in smoke_timings(StudyStore(where)):
         print(line)
     if outcome.code == ExitCode.OK:
@@ -153,6 +161,28 @@ def _run_smoke(study: Study, plan: Plan, options: RunOptions, study_path: str) -
         print(f"smoke failed: `sweep status {where} --failures` shows why; the real run would meet the same",
               file=sys.stderr)
     return outcome.code
+
+
+def _forget_earlier_smoke(where: str, keys: list[str]) -> int:
+    """An earlier smoke run's trials in `where` are forgotten (an event; their history stays)."""
+    try:
+        store = StudyStore(where)
+    except ValueError as problem:
+        print(f"error: --out: {problem}", file=sys.stderr)
+        return ExitCode.INVALID
+    if store.read_plan() is None:
+        return ExitCode.OK
+    events = store.read_events().events
+    state = store.state(events)
+    ran = [k for k in keys if state.is_done(k) or k in state.failed]
+    if not ran:
+        return ExitCode.OK
+    try:
+        forget_trials(store, events, ran, "--smoke", "a new smoke run")
+    except StoreLocked as locked:
+        print(f"error: {locked}", file=sys.stderr)
+        return ExitCode.LOCKED
+    return ExitCode.OK
 
 
 def smoke_timings(store: StudyStore) -> list[str]:
@@ -286,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="the caches `sweep prefetch --cache-dir` filled (sets HF_HUB_CACHE, "
                                        "HF_DATASETS_CACHE, SWEEP_CACHE_DIR under it, here and on the workers)")
     p.add_argument("--only", metavar="FIELD=VALUE[,...]",
-                   help="run a slice: e.g. model=llama3-8b,pruner=wanda,calibration=de|en (fields: model, pruner, "
+                   help="run a slice: e.g. 'model=llama3-8b,pruner=wanda,calibration=de|en' (quoted) (fields: model, pruner, "
                         "sparsity, calibration, seed; '|' between alternatives). Its trials keep their keys, so the "
                         "full run reuses them; the dense baselines of its models are always included")
     p.add_argument("--smoke", action="store_true",

@@ -1,4 +1,4 @@
-"""`sweep status DIR [--json] [--watch [SECONDS]]`: a study directory's progress, once or redrawn.
+"""`sweep status DIR [--json] [--watch [--every SECONDS]]`: a study directory's progress, once or redrawn.
 
 The summary itself is sweep/results/status.py's (from the event logs alone). This module adds what the
 results layer may not read: the frozen study file, loaded and sized by `sweep plan --estimate`
@@ -22,6 +22,7 @@ from sweep.results.progress import ModelEta, Seed, format_duration, format_summa
 from sweep.results.status import (
     StudyStatus,
     describe_rate,
+    describe_slice,
     describe_state,
     describe_study_eta,
     format_status,
@@ -30,7 +31,7 @@ from sweep.results.status import (
     seconds_text,
     status_json,
 )
-from sweep.store.records import Event, RunStarted
+from sweep.store.records import Event
 from sweep.store.study_store import StudyStore
 from sweep.study.env import apply_default_env
 from sweep.study.grid import TrialSpec, expand
@@ -43,19 +44,6 @@ ROWS = 20  # running trials and failures shown in the live table (the rest are c
 
 
 # -- seeds: `sweep plan --estimate`'s seconds per trial, from the frozen study file --------------------------
-def frozen_study_file(store: StudyStore, events: list[Event]) -> str | None:
-    """The study file the latest run read, as a name inside the study directory: the one its RunStarted
-    names (by base name, so a moved or remote directory still finds it), else the newest frozen version."""
-    named = [e.study_file for e in events if isinstance(e, RunStarted) and e.study_file]
-    if named:
-        rel = named[-1].replace("\\", "/").rsplit("/", 1)[-1]
-        if store.location.exists(rel):
-            return rel
-    versions = [rel for rel in store.location.list("", ".yaml") if rel.startswith("study.")]
-    later = sorted(rel for rel in versions if rel != "study.yaml")  # study.<time>-<id>.yaml sorts by time
-    return later[-1] if later else ("study.yaml" if "study.yaml" in versions else None)
-
-
 def _first_line(err: BaseException) -> str:
     if isinstance(err, StudyInvalid) and err.problems:  # its first problem, not the file's name again
         more = len(err.problems) - 1
@@ -124,7 +112,7 @@ class StudySeeds:
     _cache: dict[str, dict[str, Seed]] = field(default_factory=dict)
 
     def __call__(self, events: list[Event]) -> Mapping[str, Seed]:
-        rel = frozen_study_file(self.store, events)
+        rel = self.store.latest_study_file(events)
         key = rel or ""
         if key not in self._cache:
             self._cache[key] = self._load(rel)
@@ -167,7 +155,8 @@ def live_view(status: StudyStatus, every_s: float):
     progress, summary = status.progress, status.progress.summary
     head = Text(f"study {status.study} in {status.directory}: {describe_state(status.driver)}; "
                 f"{progress.runs} driver run(s)\n{format_summary(summary, with_actors=False)}\n"
-                f"{describe_study_eta(progress.eta, status.driver.alive)}")
+                + (f"{describe_slice(progress.slice)}\n" if progress.slice is not None else "")
+                + describe_study_eta(progress.eta, status.driver.alive))
     models = Table(title="per model", title_justify="left", expand=False)
     for name, justify in (("model", "left"), ("done", "right"), ("running", "right"), ("failed", "right"),
                           ("left", "right"), ("s/trial", "right"), ("basis", "left"), ("actors", "right"),
@@ -252,7 +241,7 @@ def run_status(args: argparse.Namespace, out=None, err=None, sleep: Callable[[fl
             print(not_a_study_directory(args.directory), file=err)
         return status
 
-    if args.watch is None:
+    if not args.watch:
         status = refresh()
         if status is None:
             return ExitCode.INVALID
@@ -262,7 +251,8 @@ def run_status(args: argparse.Namespace, out=None, err=None, sleep: Callable[[fl
             print(format_status(status, show_failures=args.failures), file=out)
         return ExitCode.OK
 
-    options = WatchOptions(every_s=args.watch, count=args.count, until_done=args.until_done)
+    every_s = DEFAULT_WATCH_S if args.every is None else args.every
+    options = WatchOptions(every_s=every_s, count=args.count, until_done=args.until_done)
     if args.json:  # JSON lines: one object per refresh
         def show_json(status: StudyStatus) -> None:
             print(json.dumps(status_json(status, tracebacks=args.failures)), file=out, flush=True)
@@ -276,17 +266,19 @@ def run_status(args: argparse.Namespace, out=None, err=None, sleep: Callable[[fl
     from rich.live import Live
 
     with Live(console=Console(file=out), auto_refresh=False, transient=False) as live:
-        return watch(refresh, lambda status: live.update(live_view(status, args.watch), refresh=True), options,
+        return watch(refresh, lambda status: live.update(live_view(status, every_s), refresh=True), options,
                      sleep)
 
 
 def _check_options(args: argparse.Namespace) -> str | None:
     if args.gpu_tflops <= 0:
         return "--gpu-tflops must be positive (one GPU's dense bf16 peak, as for `sweep plan --estimate`)"
-    if args.watch is None and (args.count is not None or args.until_done):
+    if not args.watch and (args.count is not None or args.until_done):
         return "--count and --until-done end a --watch; give --watch too"
-    if args.watch is not None and args.watch <= 0:
-        return "--watch SECONDS must be positive"
+    if not args.watch and args.every is not None:
+        return "--every SECONDS goes with --watch (how often it redraws); give --watch too"
+    if args.every is not None and not args.every > 0:  # `not >`: NaN too
+        return "--every SECONDS must be positive"
     if args.count is not None and args.count < 1:
         return "--count must be at least 1"
     return None
@@ -304,9 +296,11 @@ def register(subparsers) -> None:
                                                            "(with --json: its traceback)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object (keys in docs/status.md); with --watch one per line per refresh")
-    p.add_argument("--watch", nargs="?", type=float, const=DEFAULT_WATCH_S, default=None, metavar="SECONDS",
-                   help=f"redraw every SECONDS (default {DEFAULT_WATCH_S:g}) until Ctrl-C: a live table on a "
-                        "terminal, whole summaries on a pipe or log")
+    # A plain flag: with an optional value, `sweep status --watch DIR` read DIR as the seconds
+    p.add_argument("--watch", action="store_true",
+                   help="redraw until Ctrl-C: a live table on a terminal, whole summaries on a pipe or log")
+    p.add_argument("--every", type=float, default=None, metavar="SECONDS",
+                   help=f"with --watch: redraw every SECONDS (default {DEFAULT_WATCH_S:g})")
     p.add_argument("--until-done", action="store_true",
                    help="with --watch: stop once the driver is gone and nothing runs (exit 0 if every trial is "
                         "done, else 1)")

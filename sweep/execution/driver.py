@@ -195,7 +195,7 @@ def _run_locked(study: Study, plan: Plan, selected: list[TrialSpec], store: Stud
         print(f"note: {where} is not a JSON event; ignored", file=err)
     state = store.state(reading.events)
     finished = [t for t in plan.trials if state.is_done(t.key)]
-    gave_up = [t for t in plan.trials if not state.is_done(t.key) and state.gave_up(t.key)]
+    gave_up = [t for t in selected if not state.is_done(t.key) and state.gave_up(t.key)]  # only the slice's count
     todo = [t for t in selected if not state.is_done(t.key) and (options.retry_failed or not state.gave_up(t.key))]
     print(f"study {study.name}: {len(plan.trials)} trials; {len(finished)} finished earlier, "
           f"{len(gave_up)} failed earlier{' (retrying)' if options.retry_failed else ''}, {len(todo)} to run", file=out)
@@ -222,7 +222,7 @@ def _run_locked(study: Study, plan: Plan, selected: list[TrialSpec], store: Stud
     print(f"  {where}", file=out)
     outcome = None
     try:
-        outcome = _schedule(study, plan, todo, state, store, options, out, err, str(frozen),
+        outcome = _schedule(study, plan, selected, todo, state, store, options, out, err, str(frozen),
                             len(finished), 0 if options.retry_failed else len(gave_up))
         return outcome
     finally:
@@ -287,15 +287,16 @@ class _Recorder:
                                      eta_s=self.eta(scheduler), actors=scheduler.holdings()))
 
     def eta(self, scheduler) -> float | None:
-        """Per model: its measured seconds per trial times its work left, over the actors on it (the same
-        estimate `sweep status` gives; see sweep.results.progress.study_eta). None until every model with
-        work left has finished a trial."""
+        """Per model: its measured seconds per trial times this run's work left, over the placed actors on
+        it, pooled by actor shape (sweep.results.progress.study_eta, as `sweep status` without its seeds
+        from `sweep plan --estimate`). None until every model with work left has finished a trial."""
         now = time.monotonic()
         running = {slot.job.key: (0.0 if slot.loading else now - slot.since) for slot in scheduler.running()}
-        actors = Counter(slot.model or slot.job.model for slot in scheduler.slots.values()
-                         if slot.model or slot.job is not None)
+        placed = [slot for slot in scheduler.slots.values() if slot.info is not None]  # not pending placement
+        actors = Counter(slot.job.model if slot.job is not None else slot.model for slot in placed
+                         if slot.job is not None or slot.model)
         pools = {model: shape.describe() for model, shape in scheduler.shapes.items()}
-        pool_actors = Counter(slot.shape.describe() for slot in scheduler.slots.values())
+        pool_actors = Counter(slot.shape.describe() for slot in placed)
         works = model_work(self.plan_trials, self.done, self.gave_up, running, actors, pools)
         return study_eta(works, pool_actors=pool_actors).eta_s
 
@@ -343,8 +344,8 @@ def _unplaceable(shapes: dict, options: RunOptions, execution, err) -> bool:
     return False
 
 
-def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: StudyStore, options: RunOptions,
-              out, err, frozen: str, finished_before: int, failed_before: int) -> RunOutcome:
+def _schedule(study: Study, plan: Plan, selected: list[TrialSpec], todo: list[TrialSpec], state, store: StudyStore,
+              options: RunOptions, out, err, frozen: str, finished_before: int, failed_before: int) -> RunOutcome:
     import ray
 
     from sweep.execution.scheduler import ActorRefused, Scheduler, SchedulerConfig, SchedulingError
@@ -358,13 +359,15 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
     recorder = _Recorder(store, LiveProgress(out, enabled=options.progress), {t.key: t for t in todo},
                          git_revision(), len(plan.trials), finished_before, failed_before,
                          hub_repos={t.key: hub_repo(study, t) for t in todo},
-                         plan_trials=tuple((t.key, t.model_label) for t in plan.trials),
+                         plan_trials=tuple((t.key, t.model_label) for t in plan.trials
+                                           if t.key in todo_keys or state.is_done(t.key)),
                          done={t.key: state.finished[t.key].seconds for t in plan.trials if state.is_done(t.key)},
                          gave_up={t.key for t in plan.trials if state.gave_up(t.key) and t.key not in todo_keys})
     store.append(RunStarted(study=study.name, study_file=frozen, trials=len(plan.trials), to_run=len(todo),
                             finished_before=finished_before, git=recorder.revision, versions=_driver_versions(),
                             address=options.address, retries=execution.retries,
-                            timeout_s=execution.trial_timeout_s))
+                            timeout_s=execution.trial_timeout_s, only=options.only.text if options.only else None,
+                            selected=[t.key for t in selected] if options.only else None))
     # Each worker checks, before its first trial, that it sees this very directory (not a copy on its own disk).
     check = write_sentinel(store.location.local_path()) if store.is_local else None
     scheduler = Scheduler(ray.remote(ModelWorker), jobs,
@@ -380,8 +383,8 @@ def _schedule(study: Study, plan: Plan, todo: list[TrialSpec], state, store: Stu
     except ActorRefused as problem:
         recorder.progress.close()
         store.append(RunStopped(reason=str(problem)))
-        print(f"error: {problem} Stopped; every trial logged as finished is kept, and the trials in flight run "
-              "again next time.", file=err)
+        print(f"error: {problem} Stopped: no new trial was started after it, the trials in flight on other workers "
+              "finished, and every finished trial is kept; run again once every node sees the directory.", file=err)
         return RunOutcome(ExitCode.STORE, finished=recorder.finished, store=store.location.url)
     except SchedulingError as problem:
         recorder.progress.close()

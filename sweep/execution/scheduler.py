@@ -83,7 +83,8 @@ class SchedulingError(RuntimeError):
 
 class ActorRefused(SchedulingError):
     """A worker's start-up check found that it cannot work where it was placed (its `info()` answered a
-    `refusal`): the run stops, since every actor on that node would answer the same."""
+    `refusal`). The scheduler stops handing out work and starting actors, lets the trials in flight on
+    other actors finish, then raises this: every actor on that node would answer the same."""
 
 
 @dataclass
@@ -141,6 +142,7 @@ class Scheduler:
         self._next_id = 0
         self._start_failures = 0
         self._stopping = False
+        self._refusal: str | None = None  # the first actor's refusal: drain, then raise ActorRefused
         self.unschedulable: set[Shape] = set()
 
     # -- state ---------------------------------------------------------------------------------
@@ -164,7 +166,7 @@ class Scheduler:
     # -- the loop ------------------------------------------------------------------------------
     def run(self, on_tick: Callable[[Scheduler], None] | None = None) -> Counters:
         try:
-            while not self.done() and not self._stopping:
+            while not self.done() and not self._stopping and not (self._refusal and not self.running()):
                 self._size_pool()
                 self._dispatch()
                 waiting = {s.ref: s for s in self.slots.values() if s.ref is not None}
@@ -189,6 +191,8 @@ class Scheduler:
                     on_tick(self)
         finally:
             self._release_all()
+        if self._refusal:
+            raise ActorRefused(self._refusal)
         return self.counters
 
     # -- actors ----------------------------------------------------------------------------------
@@ -202,6 +206,8 @@ class Scheduler:
         return seen[1]
 
     def _size_pool(self) -> None:
+        if self._refusal:
+            return
         total_cap = self.config.max_actors or math.inf
         for shape in {self.shapes[m] for m, q in self.queues.items() if q} - self.unschedulable:
             mine = [s for s in self.slots.values() if s.shape == shape]
@@ -242,8 +248,9 @@ class Scheduler:
         self.emit(ActorStarted(**slot.describe(), shape=slot.shape.describe(), versions=slot.info.get("versions") or {}))
         refusal = slot.info.get("refusal")
         if refusal:
-            raise ActorRefused(f"worker #{slot.id} on {slot.info.get('host')} (node {slot.info.get('node')}): "
-                               f"{refusal}")
+            self._release(slot, f"refused to work: {refusal}")
+            if self._refusal is None:
+                self._refusal = f"worker #{slot.id} on {slot.info.get('host')} (node {slot.info.get('node')}): {refusal}"
 
     def _release(self, slot: _Slot, why: str) -> None:
         ray.kill(slot.handle, no_restart=True)
@@ -259,7 +266,7 @@ class Scheduler:
 
     # -- dispatch ----------------------------------------------------------------------------------
     def _dispatch(self) -> None:
-        if self._stopping:
+        if self._stopping or self._refusal:
             return
         for slot in sorted(self.slots.values(), key=lambda s: s.id):
             if slot.job is not None or slot.info is None:

@@ -28,8 +28,8 @@ from sweep.results.reduce import (
 )
 from sweep.results.run_stats import RunStats, run_stats
 from sweep.results.table_files import slug, table_html, write_table
-from sweep.store.records import Event, PlanRecord, RunStarted, TrialFailed
-from sweep.store.study_store import StudyStore
+from sweep.store.records import Event, PlanRecord, RunStarted
+from sweep.store.study_store import StudyStore, study_state
 
 PERPLEXITY_METRICS = ("bits_per_byte", "token_perplexity")
 METRIC_NAMES = {"bits_per_byte": "bits per byte", "token_perplexity": "token perplexity", "acc": "accuracy",
@@ -312,8 +312,6 @@ def _in_plan_order(frame: pl.DataFrame, tables: StudyTables) -> pl.DataFrame:
 
 
 def _failed_trials(events: list[Event], finished: set[str]) -> dict[str, str]:
-    out = {}
-    for event in events:
-        if isinstance(event, TrialFailed) and event.final and event.key not in finished:
-            out[event.key] = f"failed: {str(event.error or '')[:200]}"
-    return out
+    """Trials that gave up (and were neither finished since nor forgotten): key -> why."""
+    return {key: f"failed: {str(event.error or '')[:200]}" for key, event in study_state(events).failed.items()
+            if event.final and key not in finished}

@@ -15,6 +15,7 @@ from sweep.store.records import (
     TrialsForgotten,
     TrialStarted,
 )
+from sweep.store.study_store import forgotten_until, is_forgotten
 
 
 @dataclass
@@ -39,6 +40,7 @@ class RunStats:
 def run_stats(events: list[Event], current_keys: set[str] | None = None) -> RunStats:
     stats = RunStats()
     finished, gave_up = set(), set()
+    until = forgotten_until(events)
     for event in events:
         if isinstance(event, RunStarted):
             stats.driver_runs += 1
@@ -57,20 +59,20 @@ def run_stats(events: list[Event], current_keys: set[str] | None = None) -> RunS
             hours = float(event.seconds or 0) / 3600
             stats.worker_hours += hours
             stats.gpu_hours += hours * len(event.gpus or [])
+            counts = not is_forgotten(event, until)  # its compute was spent either way
             if isinstance(event, TrialFinished):
-                finished.add(event.key)
-                gave_up.discard(event.key)
+                if counts:
+                    finished.add(event.key)
+                    gave_up.discard(event.key)
             else:
                 stats.attempts_failed += 1
                 error = str(event.error or "unknown").splitlines()[0][:200]
                 stats.errors[error] = stats.errors.get(error, 0) + 1
-                if event.final and event.key not in finished:
+                if event.final and event.key not in finished and counts:
                     gave_up.add(event.key)
         elif isinstance(event, ActorLost):
             stats.workers_lost += 1
-        elif isinstance(event, TrialsForgotten):  # their compute was spent; their results no longer count
-            finished.difference_update(event.keys)
-            gave_up.difference_update(event.keys)
+        elif isinstance(event, TrialsForgotten):
             stats.trials_forgotten += len(event.keys)
     if current_keys is not None:
         finished &= current_keys

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sweep.results.progress import (
@@ -82,6 +82,15 @@ class _Actor:
 
 
 @dataclass(frozen=True)
+class Slice:
+    """The latest run was `sweep run --only`: only its trials are that run's work (the rest of the plan waits)."""
+
+    only: str | None  # the slice as typed
+    selected: int  # planned trials in the slice
+    planned: int  # trials in the plan
+
+
+@dataclass(frozen=True)
 class StudyProgress:
     """What the event logs say of the latest plan: counts, ETA, the trials running and failed."""
 
@@ -92,6 +101,7 @@ class StudyProgress:
     running: tuple[RunningTrial, ...]
     failed: tuple[FailedTrial, ...]
     state: StudyState
+    slice: Slice | None = None  # the latest run's --only, when it had one
 
 
 def _pool(gpus: int) -> str:
@@ -112,11 +122,15 @@ def summarize(plan: PlanRecord | None, events: list[Event], driver_alive: bool, 
     live = [e for e in events if e.run == latest] if latest else []
     started: dict[str, TrialStarted] = {}
     actors: dict[int, _Actor] = {}
+    # Actors lost or released: the scheduler logs the failure of the trial they held after that, with their
+    # id, which must not bring them back (a run never reuses an actor id).
+    gone: set[int] = set()
     for event in live:
         actor = None
-        if isinstance(event, (OnActor, ActorReleased)) and event.actor is not None:
+        if isinstance(event, (OnActor, ActorReleased)) and event.actor is not None and event.actor not in gone:
             if isinstance(event, (ActorReleased, ActorLost)):
                 actors.pop(event.actor, None)
+                gone.add(event.actor)
                 continue
             actor = actors.setdefault(event.actor, _Actor(event.actor))
             if isinstance(event, OnActor) and isinstance(event.gpus, list):
@@ -169,10 +183,16 @@ def summarize(plan: PlanRecord | None, events: list[Event], driver_alive: bool, 
         if pool is not None:
             pool_actors[pool] = pool_actors.get(pool, 0) + 1
     planned = set(keys)
-    works = model_work(((t.key, t.model) for t in trials),
-                       done={k: store_state.finished[k].seconds for k in keys if store_state.is_done(k)},
-                       failed=gave_up, running={k: v for k, v in elapsed.items() if k in planned},
+    done_s = {k: store_state.finished[k].seconds for k in keys if store_state.is_done(k)}
+    chosen = _slice(runs[-1] if runs else None, keys)
+    # Under a slice only its trials are the run's work: the rest of the plan stays out of the ETA
+    mine = planned if chosen is None else set(chosen)
+    works = model_work(((t.key, t.model) for t in trials if t.key in mine), done=done_s,
+                       failed=gave_up, running={k: v for k, v in elapsed.items() if k in mine},
                        actors=per_model, pools=pools)
+    if chosen is not None:  # but a model's rate is still measured on all its finished trials
+        works = [replace(w, durations=tuple(done_s[t.key] for t in trials if t.model == w.model and t.key in done_s))
+                 for w in works]
     eta = study_eta(works, seeds, pool_actors)
     in_plan = sum(1 for k in keys if k in in_flight)
     done = sum(1 for k in keys if store_state.is_done(k))
@@ -188,7 +208,17 @@ def summarize(plan: PlanRecord | None, events: list[Event], driver_alive: bool, 
                    for k in keys if not store_state.is_done(k) and (e := store_state.failed.get(k)) is not None)
     return StudyProgress(summary=summary, eta=eta, runs=len(runs), latest_run=latest,
                          running=tuple(sorted(running, key=lambda r: (r.actor is None, r.actor or 0, r.key))),
-                         failed=failed, state=store_state)
+                         failed=failed, state=store_state,
+                         slice=None if chosen is None else Slice(only=runs[-1].only, selected=len(chosen),
+                                                                 planned=len(keys)))
+
+
+def _slice(run: RunStarted | None, keys: list[str]) -> list[str] | None:
+    """The planned keys of the run's `--only` slice, in plan order; None when the run took the whole plan."""
+    if run is None or run.selected is None:
+        return None
+    selected = {str(k) for k in run.selected}
+    return [k for k in keys if k in selected]
 
 
 @dataclass(frozen=True)
@@ -278,6 +308,12 @@ def format_model_eta(m: ModelEta, width: int = 0) -> str:
             f"{w.left} left  ETA {format_duration(m.eta_s)}  {describe_rate(m)}, {actors}")
 
 
+def describe_slice(chosen: Slice) -> str:
+    """The latest run's slice; the per-model rows and the ETA count its trials only."""
+    what = f"slice --only {chosen.only}" if chosen.only is not None else "slice"
+    return f"{what}: {chosen.selected} of {chosen.planned} trials"
+
+
 def describe_study_eta(eta: StudyEta, alive: bool) -> str:
     if not alive:
         left = sum(m.work_s or 0.0 for m in eta.models)
@@ -295,6 +331,8 @@ def format_status(status: StudyStatus, show_failures: bool = False) -> str:
     progress = status.progress
     lines = [f"study {status.study} in {status.directory}: {describe_state(status.driver)}; "
              f"{progress.runs} driver run(s)", format_summary(progress.summary)]
+    if progress.slice is not None:
+        lines.append(f"  {describe_slice(progress.slice)}")
     models = list(progress.eta.models)
     if models:
         lines.append(f"  {describe_study_eta(progress.eta, status.driver.alive)}; per model:")
@@ -381,5 +419,7 @@ def status_json(status: StudyStatus, tracebacks: bool = False) -> dict[str, Any]
                                   for stage, (seconds, n) in stages.items()}
                           for group, stages in sorted(status.stage_medians.items())},
         "notes": {"cut_off": list(status.cut_off), "unreadable": list(status.unreadable)},
+        "slice": None if progress.slice is None else {"only": progress.slice.only,
+                                                      "selected": progress.slice.selected},
     }
 

@@ -27,7 +27,7 @@ from sweep.store.records import (
     TrialFinished,
     TrialStarted,
 )
-from sweep.store.study_store import StudyStore, study_state
+from sweep.store.study_store import StudyStore, forgotten_until, is_forgotten, study_state
 
 # Bumped when what the writers put into a run changes: every run of an older export then differs in its digest
 # and is replaced on the next export, instead of being kept with the old layout.
@@ -114,8 +114,8 @@ class ProgressPoint:
     step: int  # the event's position in the study's log (all driver runs merged by time): stable as logs grow
     time: float  # unix time of the event
     hours: float  # since the log's first event
-    done: int  # distinct trials finished so far
-    failed: int  # distinct trials given up on so far, and not finished since
+    done: int  # distinct trials finished so far (outcomes `sweep forget` forgot left out)
+    failed: int  # distinct trials given up on so far, and not finished since (the same)
     attempts: int  # started events so far
     failed_attempts: int  # failed events so far, retried ones included
 
@@ -272,6 +272,11 @@ def _failed(event: TrialFailed, planned: dict[str, PlannedTrial], attempts: int)
 
 
 def _progress(events: Sequence[Event]) -> tuple[ProgressPoint, ...]:
+    """One point per finished or failed event. Its done and failed counts fold the events as `study_state`
+    does, so the series ends at the summary's counts: outcomes `sweep forget` forgot never count (wherever
+    the forget event falls in the logs, as the forget names a time, not a position); the attempts count
+    every event, as `StudySummary.attempts` and `failed_attempts` do."""
+    until = forgotten_until(events)
     finished: set[str] = set()
     gave_up: set[str] = set()
     attempts = failed_attempts = 0
@@ -282,11 +287,12 @@ def _progress(events: Sequence[Event]) -> tuple[ProgressPoint, ...]:
             attempts += 1
             continue
         if isinstance(event, TrialFinished) and event.key:
-            finished.add(event.key)
-            gave_up.discard(event.key)
+            if not is_forgotten(event, until):
+                finished.add(event.key)
+                gave_up.discard(event.key)
         elif isinstance(event, TrialFailed) and event.key:
             failed_attempts += 1
-            if event.key not in finished:  # finished beats failed, as in study_state
+            if event.key not in finished and not is_forgotten(event, until):  # finished beats failed
                 if event.final:
                     gave_up.add(event.key)
                 else:

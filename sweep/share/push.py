@@ -107,14 +107,13 @@ class PushResult:
 
 
 # -- what to push -------------------------------------------------------------------------------------------
-def frozen_study_file(directory: Path) -> Path:
-    """The newest version of the study file the study directory keeps (study.yaml, then study.<time>.yaml
-    for each later version first run)."""
-    versions = [p for p in directory.glob("study*.yaml") if p.is_file()]
-    if not versions:
-        raise PushError(f"{directory} holds no study.yaml: is it a study directory (the folder `sweep run` "
-                        "wrote)? Give its path, or the study file with --study")
-    return max(versions, key=lambda p: (p.stat().st_mtime, p.name))
+def frozen_study_file(store: StudyStore, events: list) -> Path:
+    """The study file the latest run of this study directory read (its frozen copy)."""
+    rel = store.latest_study_file(events)
+    if rel is None:
+        raise PushError(f"{store.root} holds no study.yaml: is it a study directory (the folder `sweep run` wrote)? "
+                        "Give its path, or the study file with --study")
+    return store.location.local_path(rel)
 
 
 def read_study(path: Path) -> Study:
@@ -173,7 +172,8 @@ def plan_push(directory: str | Path, study_file: str | Path | None = None, only_
         raise PushError(f"{directory} is not a directory: give the study directory (the folder `sweep run` wrote)")
     store = StudyStore(directory)
     plan = store.read_plan()
-    source = Path(study_file).expanduser().resolve() if study_file else frozen_study_file(directory)
+    events = store.read_events().events
+    source = Path(study_file).expanduser().resolve() if study_file else frozen_study_file(store, events)
     study = read_study(source)
     if plan is not None and plan.study and study.name != plan.study:
         raise PushError(f"{source} is the study {study.name!r} but {directory} holds {plan.study!r}: give the study "
@@ -185,7 +185,7 @@ def plan_push(directory: str | Path, study_file: str | Path | None = None, only_
                         "it with --study FILE")
     planned = {t.key: t for t in plan.trials} if plan is not None else {}
     items, missing = [], []
-    for key, event in sorted(store.state().finished.items(), key=lambda kv: kv[1].time):
+    for key, event in sorted(store.state(events).finished.items(), key=lambda kv: kv[1].time):
         fields = event.trial or (planned[key].fields if key in planned else None)
         if fields is None or fields.dense or (only_key and not key.startswith(only_key)):
             continue
@@ -194,7 +194,9 @@ def plan_push(directory: str | Path, study_file: str | Path | None = None, only_
             if event.saved_model:
                 missing.append(event.name or key)
             continue
-        repo = hub_repo(study, trial_spec(study, key, fields))
+        # The repository the driver recorded when the trial ran; a study file given with --study (a template
+        # set after the run) names it afresh.
+        repo = event.hub_repo if event.hub_repo and not study_file else hub_repo(study, trial_spec(study, key, fields))
         marker_path = directory / "artifacts" / key / MARKER
         marker = read_marker(marker_path)
         done = marker if marker is not None and marker.repo == repo and marker.trial_finished_at == event.time else None

@@ -128,6 +128,8 @@ class RunStarted(Event):
     address: str | None = None
     retries: int = 0
     timeout_s: float | None = None
+    only: str | None = None  # `sweep run --only`: the slice as typed
+    selected: list | None = None  # with --only: the keys of the slice (the rest of the plan waits)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,6 +258,10 @@ class TrialsForgotten(Event):
 
     KIND: ClassVar[str] = "forgotten"
     keys: list = field(default_factory=list)
+    # key -> the time of the latest finished or failed event of it when it was forgotten: those events and
+    # earlier ones no longer count, later ones do. Times are their writers' own, so the order does not hang
+    # on the clock of the machine that ran `sweep forget`.
+    until: dict = field(default_factory=dict)
     selection: str = ""  # what the user asked for, as typed
     reason: str = ""
     user: str = ""

@@ -29,6 +29,7 @@ from sweep.store.locations import Location, open_location
 from sweep.store.records import (
     Event,
     PlanRecord,
+    RunStarted,
     TrialFailed,
     TrialFields,
     TrialFinished,
@@ -87,9 +88,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def forgotten_until(events: Iterable[Event]) -> dict[str, float]:
+    """key -> the time up to which its finished and failed events were forgotten (`sweep forget`)."""
+    until: dict[str, float] = {}
+    for event in events:
+        if isinstance(event, TrialsForgotten):
+            for key, time_ in event.until.items():
+                until[key] = max(until.get(key, float("-inf")), float(time_))
+    return until
+
+
+def is_forgotten(event: TrialFinished | TrialFailed, until: dict[str, float]) -> bool:
+    return event.key in until and event.time <= until[event.key]
+
+
 def study_state(events: Iterable[Event]) -> StudyState:
-    """Which trials finished, which failed last (and not finished since), how often each started. A trial
-    `sweep forget` named counts as neither finished nor failed until it finishes or fails again."""
+    """Which trials finished, which failed last (and not finished since), how often each started. The
+    finished and failed events `sweep forget` named do not count, wherever they fall in the logs."""
+    events = list(events)
+    until = forgotten_until(events)
     finished: dict[str, TrialFinished] = {}
     failed: dict[str, TrialFailed] = {}
     attempts: dict[str, int] = {}
@@ -98,15 +115,12 @@ def study_state(events: Iterable[Event]) -> StudyState:
             raise TypeError(f"study_state reads typed events (sweep.store.records), not {type(event).__name__}")
         if isinstance(event, TrialStarted) and event.key:
             attempts[event.key] = attempts.get(event.key, 0) + 1
-        elif isinstance(event, TrialFinished) and event.key:
+        elif isinstance(event, TrialFinished) and event.key and not is_forgotten(event, until):
             finished[event.key] = event
             failed.pop(event.key, None)
-        elif isinstance(event, TrialFailed) and event.key and event.key not in finished:
+        elif (isinstance(event, TrialFailed) and event.key and event.key not in finished
+              and not is_forgotten(event, until)):
             failed[event.key] = event
-        elif isinstance(event, TrialsForgotten):
-            for key in event.keys:
-                finished.pop(key, None)
-                failed.pop(key, None)
     return StudyState(finished=finished, failed=failed, attempts=attempts)
 
 
@@ -227,6 +241,19 @@ class StudyStore:
         rel = f"study.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}.yaml"
         self.location.write_atomic(rel, data)
         return self.ref(rel)
+
+    def latest_study_file(self, events: Iterable[Event]) -> str | None:
+        """The frozen study file the latest driver run read, as a name inside the study directory: the one
+        its RunStarted names (by base name, so a moved or remote directory still finds it), else the newest
+        frozen version; None when there is none."""
+        named = [e.study_file for e in events if isinstance(e, RunStarted) and e.study_file]
+        if named:
+            rel = named[-1].replace("\\", "/").rsplit("/", 1)[-1]
+            if self.location.exists(rel):
+                return rel
+        versions = [rel for rel in self.location.list("", ".yaml") if rel.startswith("study.")]
+        later = sorted(rel for rel in versions if rel != "study.yaml")  # study.<time>-<id>.yaml sorts by time
+        return later[-1] if later else ("study.yaml" if "study.yaml" in versions else None)
 
     def write_plan(self, plan: PlanRecord) -> None:
         self.location.write_atomic("plan.json", json.dumps(plan.to_json(), indent=1).encode())

@@ -53,14 +53,14 @@ class TrialSlice:
             name, sep, values = part.partition("=")
             name = name.strip()
             if not sep or not values.strip():
-                raise SliceError(f"{part!r} is not FIELD=VALUE; write e.g. model=llama3-8b,calibration=de|en")
+                raise SliceError(f"{part!r} is not FIELD=VALUE; write e.g. 'model=llama3-8b,calibration=de|en' (in quotes: the shell takes | for a pipe)")
             if name not in FIELDS:
                 raise SliceError(f"unknown field {name!r} in {part!r}; slice by {', '.join(FIELDS)}")
             if name in wanted:
-                raise SliceError(f"{name} is given twice; list its values with '|' (e.g. {name}=a|b)")
+                raise SliceError(f"{name} is given twice; list its values with '|' (e.g. '{name}=a|b', quoted)")
             wanted[name] = frozenset(v.strip() for v in values.split("|") if v.strip())
         if not wanted:
-            raise SliceError(f"{text!r} selects nothing; write e.g. model=llama3-8b,calibration=de|en")
+            raise SliceError(f"{text!r} selects nothing; write e.g. 'model=llama3-8b,calibration=de|en' (in quotes: the shell takes | for a pipe)")
         return cls(wanted=tuple(sorted(wanted.items())), text=text)
 
     def matches(self, trial: SliceFields, baselines_follow_model: bool = True) -> bool:

@@ -154,6 +154,11 @@ def test_smoke_runs_one_tiny_trial_per_model_beside_the_study_directory(assets, 
     real = {t["key"] for t in json.loads(_stdout(capsys, ["plan", str(study), "--json"]))["trials"]}
     assert not real & set(StudyStore(smoke).state().finished)
 
+    # A second smoke runs again (a smoke that passed once says nothing of later code or nodes).
+    assert main(["run", str(study), "--smoke", "--no-progress", "--num-cpus", "2"]) == 0
+    assert "2 finished earlier" not in capsys.readouterr().out
+    assert sorted(finished_counts(smoke).values()) == [2, 2]
+
 
 def status_of(out: Path) -> str:
     done = subprocess.run([sys.executable, "-m", "sweep.cli.main", "status", str(out)], cwd=REPO, capture_output=True,

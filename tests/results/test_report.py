@@ -213,6 +213,7 @@ def test_the_report_reads_the_event_logs_and_writes_nothing_into_the_study(study
 
     # A forgotten trial is no longer a result: the report says it is to run again.
     with StudyStore(study_dir) as store:
-        store.append(TrialsForgotten(keys=["we1"], selection="m.wanda.en.1"))
+        done = max(e.time for e in store.read_events().events if e.KIND == "finished" and e.key == "we1")
+        store.append(TrialsForgotten(keys=["we1"], until={"we1": done}, selection="m.wanda.en.1"))
     text = visible_text(build_report(study_dir, tmp_path / "report2").read_text(encoding="utf-8"))
     assert "m.wanda.en.1 not run yet" in text and "trials forgotten (sweep forget) 1" in text, text

@@ -29,6 +29,8 @@ from sweep.results.progress import (
 )
 from sweep.results.status import format_status, read_status, status_json, summarize
 from sweep.store.records import (
+    ActorLost,
+    ActorReleased,
     ActorStarted,
     ModelLoaded,
     PlannedTrial,
@@ -81,6 +83,89 @@ def test_status_summary_of_a_running_study():
     stopped = summarize(plan, events, driver_alive=False)
     assert stopped.summary.running == 0 and stopped.summary.left == 2 and stopped.summary.actors == []
     assert stopped.summary.eta_s is None and {m.model: m.work_s for m in stopped.eta.models} == {"m": 15.0, "n": None}
+
+
+def test_a_lost_or_released_actor_is_not_brought_back_by_its_trials_failure():
+    """The scheduler logs `actor_lost` (or `actor_released` on a timeout) and then the trial's `failed` with
+    the same actor id (sweep/execution/scheduler.py `_on_reply`, `_check_timeouts`): that actor is gone and
+    must not count towards the ETA, or a lost-and-replaced actor counts twice."""
+    for gone in (ActorLost, ActorReleased):
+        events = [_event("run_started", at=T0 - 100)]
+        for actor in (1, 2):
+            events.append(_event("actor_started", at=T0 - 90, actor=actor, gpus=[str(actor)]))
+        events += [_event("started", "m0", at=T0 - 80, actor=1, model="m", gpus=["1"]),
+                   _event("finished", "m0", at=T0 - 70, actor=1, model="m", seconds=10.0, gpus=["1"]),
+                   _event("started", "m1", at=T0 - 60, actor=1, model="m", gpus=["1"]),
+                   gone(actor=1, model="m", time=T0 - 50, run="r2"),
+                   _event("failed", "m1", at=T0 - 50, actor=1, model="m", final=False, gpus=["1"], error="died"),
+                   _event("actor_started", at=T0 - 40, actor=3, gpus=["1"]),  # its replacement, not yet busy
+                   _event("started", "m2", at=T0 - 5, actor=2, model="m", gpus=["2"])]
+        progress = summarize(_plan({"m": 5}, gpus={"m": 1}), events, driver_alive=True, now=T0)
+        # m1, m3, m4 left at 10 s and m2 whole (its actor still loads m): 40 actor-seconds over actors 2 and 3,
+        # actor 1 being gone
+        assert progress.eta.actors == 2, gone
+        assert [a["actor"] for a in progress.summary.actors] == [2]
+        assert progress.eta.eta_s == pytest.approx(40 / 2)
+        assert [r.key for r in progress.running] == ["m2"]
+
+
+def test_the_verified_scenario_of_a_lost_and_replaced_actor():
+    """One actor lost and replaced, one live actor, 30 s of work left: one actor, 30 s (the review's case)."""
+    events = [_event("run_started", at=T0 - 100),
+              _event("actor_started", at=T0 - 90, actor=1, gpus=["0"]),
+              _event("started", "m0", at=T0 - 80, actor=1, model="m", gpus=["0"]),
+              _event("finished", "m0", at=T0 - 70, actor=1, model="m", seconds=10.0, gpus=["0"]),
+              _event("started", "m1", at=T0 - 60, actor=1, model="m", gpus=["0"]),
+              ActorLost(actor=1, model="m", gpus=["0"], time=T0 - 50, run="r2"),
+              _event("failed", "m1", at=T0 - 50, actor=1, model="m", final=False, gpus=["0"], error="died"),
+              _event("actor_started", at=T0 - 40, actor=2, gpus=["0"])]
+    eta = summarize(_plan({"m": 4}, gpus={"m": 1}), events, driver_alive=True, now=T0).eta
+    assert (eta.actors, eta.eta_s) == (1, pytest.approx(30.0))
+
+
+def test_the_eta_of_a_slice_counts_only_its_trials():
+    """`sweep run --only`: the run's `run_started` names its keys; the rest of the plan still counts as left,
+    but it is not this run's work, so it stays out of the ETA (and a model outside the slice with no rate does
+    not make the ETA unknown)."""
+    plan = _plan({"a": 6, "b": 4})
+    events = [_event("run_started", run="r1", at=T0 - 900),
+              _event("started", "a0", run="r1", at=T0 - 850, actor=1, model="a"),
+              _event("finished", "a0", run="r1", at=T0 - 800, actor=1, model="a", seconds=20.0),
+              _event("run_started", at=T0 - 500, only="pruner=wanda,model=a", selected=["a1", "a2", "a3"]),
+              _event("actor_started", at=T0 - 490, actor=1, gpus=["0"]),
+              _event("started", "a1", at=T0 - 400, actor=1, model="a"),
+              _event("finished", "a1", at=T0 - 360, actor=1, model="a", seconds=40.0),
+              _event("started", "a2", at=T0 - 10, actor=1, model="a")]
+    progress = summarize(plan, events, driver_alive=True, now=T0)
+    summary = progress.summary
+    assert (summary.total, summary.done, summary.running, summary.left) == (10, 2, 1, 7)  # the whole plan
+    [a] = progress.eta.models  # b has no trial in the slice: not this run's work, and no rate needed
+    assert (a.work.total, a.work.done, len(a.work.running), a.work.left) == (3, 1, 1, 1)
+    assert (a.rate.seconds, a.rate.samples) == (30.0, 2)  # measured over every finished trial of the model
+    assert a.work_s == pytest.approx(30 + (30 - 10)) and progress.eta.unknown == ()
+    assert summary.eta_s == pytest.approx(50.0) and progress.eta.eta_s == pytest.approx(50.0)
+    assert progress.slice is not None and (progress.slice.only, progress.slice.selected, progress.slice.planned) == (
+        "pruner=wanda,model=a", 3, 10)
+    # the full run before it was no slice: its status counts every planned trial
+    whole = summarize(plan, events[:3], driver_alive=False, now=T0)
+    assert whole.slice is None and [m.model for m in whole.eta.models] == ["a", "b"]
+
+
+def test_a_slice_is_shown_in_the_text_and_the_json(tmp_path):
+    store = StudyStore(tmp_path / "sliced")
+    store.write_plan(_plan({"m": 4}))
+    with store:
+        store.append(RunStarted(study="s", only="model=m,seed=0", selected=["m0", "m1"]))
+        status = read_status(store)
+        data = status_json(status)
+    assert "  slice --only model=m,seed=0: 2 of 4 trials" in format_status(status).splitlines()
+    assert data["slice"] == {"only": "model=m,seed=0", "selected": 2}
+    assert data["models"][0]["total"] == 2 and data["counts"]["total"] == 4
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=160, record=True)
+    console.print(live_view(status, 10.0))
+    assert "slice --only model=m,seed=0: 2 of 4 trials" in console.export_text()
 
 
 def _fast_and_slow_events(run="r1"):
@@ -272,7 +357,8 @@ def test_status_json(study_dir, capsys):
     assert run_status(_status_args(str(study_dir["directory"]), "--json"), out=out) == 0
     data = json.loads(out.getvalue())
     assert set(data) == {"schema", "as_of", "as_of_unix", "study", "directory", "state", "runs", "counts", "eta_s",
-                         "eta", "models", "actors", "running", "failed", "stage_medians", "notes"}
+                         "eta", "models", "actors", "running", "failed", "stage_medians", "notes", "slice"}
+    assert data["slice"] is None  # the run was not a `sweep run --only` slice
     assert data["study"] == "watched" and data["state"] == {"running": False, "finished": True, "driver": None,
                                                              "stale_lock": False}
     assert data["counts"] == {"total": 20, "done": 2, "running": 0, "failed": 1, "left": 17}
@@ -312,7 +398,7 @@ def test_status_json_of_a_running_driver(tmp_path):
 
 def test_watch_on_a_pipe_prints_whole_summaries(study_dir):
     out, naps = io.StringIO(), []
-    args = _status_args(str(study_dir["directory"]), "--watch", "0.01", "--count", "2")
+    args = _status_args(str(study_dir["directory"]), "--watch", "--every", "0.01", "--count", "2")
     assert run_status(args, out=out, sleep=naps.append) == 0
     text = out.getvalue()
     assert text.count("--- ") == 2 and text.count("2/20 done") == 2 and naps == [0.01]
@@ -344,6 +430,22 @@ def test_watch_ends_on_ctrl_c_until_done_or_a_bad_directory(study_dir, tmp_path)
     assert watch(lambda: None, shown.append, WatchOptions(every_s=1)) == 2 and shown == []
 
 
+def test_watch_is_a_flag_and_every_sets_its_seconds(study_dir):
+    """`sweep status --watch DIR` once read DIR as the seconds (`--watch` took an optional value)."""
+    args = _status_args("--watch", str(study_dir["directory"]), "--count", "1")
+    assert args.directory == str(study_dir["directory"]) and args.watch is True and args.every is None
+    out, naps = io.StringIO(), []
+    assert run_status(_status_args("--watch", str(study_dir["directory"]), "--count", "2"), out=out,
+                      sleep=naps.append) == 0
+    assert naps == [10.0] and out.getvalue().count("--- ") == 2  # the default: every 10 s
+    for argv, why in ((("--every", "5"), "--every SECONDS goes with --watch"),
+                      (("--watch", "--every", "0"), "--every SECONDS must be positive"),
+                      (("--watch", "--every", "-3"), "--every SECONDS must be positive")):
+        err = io.StringIO()
+        assert run_status(_status_args(str(study_dir["directory"]), *argv), out=io.StringIO(), err=err) == 2
+        assert why in err.getvalue(), argv
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -360,7 +462,8 @@ def test_watch_on_a_terminal_draws_a_rich_table(study_dir):
                      "hub: ? s/trial (unknown: config.json of calib-test/not-in-any-cache"):
         assert expected in text, text
     terminal = _Terminal()
-    assert run_status(_status_args(str(study_dir["directory"]), "--watch", "1", "--count", "1"), out=terminal) == 0
+    assert run_status(_status_args(str(study_dir["directory"]), "--watch", "--every", "1", "--count", "1"),
+                      out=terminal) == 0
     assert "small" in terminal.getvalue() and "\x1b[" in terminal.getvalue()  # drawn with rich, not plain lines
 
 

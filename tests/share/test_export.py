@@ -5,6 +5,7 @@ that update instead of duplicating. The pure translation is checked without eith
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import posixpath
@@ -29,6 +30,7 @@ from sweep.store.records import (
     RunStarted,
     TrialFailed,
     TrialFinished,
+    TrialsForgotten,
     TrialStarted,
 )
 from sweep.store.study_store import StudyStore
@@ -155,6 +157,29 @@ def test_the_records_fold_the_event_log(study_dir):
     assert [(p.done, p.failed) for p in export.progress][-3:] == [(4, 0), (4, 1), (4, 1)]
     assert metrics_table(export).rows and len(metrics_table(export).rows) == 3 * len(FINAL)
     assert not export.warnings
+
+
+def test_progress_leaves_out_what_sweep_forget_forgot():
+    """Two trials finished, then one was forgotten (`sweep forget`): the progress series ends where the
+    counts do, at one done, wherever the forget event falls in the logs."""
+    a, b, d = TRIALS["ka"], TRIALS["kb"], TRIALS["kd"]
+    plan = PlanRecord(study="s", trials=(a, b, d))
+
+    def at(event, time):
+        return dataclasses.replace(event, time=time)
+
+    events = [at(RunStarted(study="s"), 1.0), at(started(a), 2.0), at(finished(a, 2.0), 3.0),
+              at(started(b), 4.0), at(finished(b, 2.5), 5.0), at(started(d), 6.0), at(failed(d, final=True), 7.0)]
+    forget = at(TrialsForgotten(keys=["kb", "kd"], until={"kb": 5.0, "kd": 7.0}, selection="kb,kd"), 8.0)
+    for logs in (events + [forget], [forget] + events):  # a forget event logged before (another log) or after
+        export = build_export(plan, logs, "/somewhere")
+        last = export.progress[-1]
+        assert (export.summary.done, export.summary.failed) == (1, 0)
+        assert (last.done, last.failed) == (export.summary.done, export.summary.failed) == (1, 0)
+        assert [p.done for p in export.progress] == [1, 1, 1] and last.failed_attempts == 1  # attempts stay
+    # a finish after the forget counts again
+    again = build_export(plan, events + [forget, at(started(b, 2), 9.0), at(finished(b, 2.6, 2), 10.0)], "/x")
+    assert again.progress[-1].done == again.summary.done == 2
 
 
 def test_no_finished_trial_is_a_warning_not_a_refusal():

@@ -86,3 +86,25 @@ def test_frozen_study_keeps_each_version(tmp_path):
     assert store.freeze_study("name: a\n") == first
     grown = store.freeze_study("name: a\nmore: 1\n")
     assert grown != first and first.read_text() == "name: a\n" and grown.read_text() == "name: a\nmore: 1\n"
+
+
+def test_forgetting_does_not_hang_on_the_clock_of_the_machine_that_forgot():
+    """`sweep forget` names, per key, the time of the latest finished or failed event it forgot: those
+    events stop counting wherever the forget event sorts (a laptop's clock behind or ahead of the head's),
+    and a later run's finish counts again."""
+    from sweep.results.run_stats import run_stats
+    from sweep.store.records import TrialFailed, TrialFinished, TrialsForgotten
+    from sweep.store.study_store import study_state
+
+    first = TrialFinished(key="k", name="m.wanda", time=100.0, run="a")
+    other = TrialFinished(key="j", name="m.sparsegpt", time=101.0, run="a")
+    gave_up = TrialFailed(key="f", name="m.magnitude", time=102.0, run="a", final=True, error="boom")
+    for forget_time in (50.0, 150.0):  # the forgetting machine's clock behind, or ahead
+        forgot = TrialsForgotten(keys=["k", "f"], until={"k": 100.0, "f": 102.0}, time=forget_time, run="laptop")
+        events = sorted([first, other, gave_up, forgot], key=lambda e: e.time)
+        state = study_state(events)
+        assert set(state.finished) == {"j"} and not state.failed, forget_time
+        stats = run_stats(events)
+        assert (stats.trials_finished, stats.trials_gave_up, stats.trials_forgotten) == (1, 0, 2)
+        again = TrialFinished(key="k", name="m.wanda", time=120.0, run="b")  # the rerun, on the head's clock
+        assert set(study_state(sorted([*events, again], key=lambda e: e.time)).finished) == {"j", "k"}
