@@ -215,8 +215,10 @@ def model_work(trials: Iterable[tuple[str, str]], done: Mapping[str, float], fai
 
 
 class LiveProgress:
-    """A bar redrawn in place on a terminal; on a pipe or log file, a summary line at most every
-    `every_s` seconds. Event lines (a trial finished, failed) print above the bar."""
+    """The driver's live progress. On a terminal, a `rich` live region redrawn in place, with event lines
+    (a trial finished, failed) printed above it; rich redraws every line the region took, so a summary
+    longer than the terminal is wide does not leave wrapped remnants behind (a carriage return would). On
+    a pipe or log file, a summary line at most every `every_s` seconds between the event lines."""
 
     def __init__(self, stream=None, every_s: float = 30.0, enabled: bool = True):
         self.stream = stream or sys.stdout
@@ -225,13 +227,25 @@ class LiveProgress:
         self.every_s = every_s
         self._last_line = ""
         self._last_print = float("-inf")
+        self._live = None  # rich.live.Live while a summary is shown on a terminal
+
+    def _region(self):
+        if self._live is None:
+            from rich.console import Console  # deferred: only a terminal draws with rich
+            from rich.live import Live
+
+            console = Console(file=self.stream, force_terminal=True, highlight=False, soft_wrap=False)
+            self._live = Live(console=console, auto_refresh=False, transient=False, redirect_stdout=False,
+                              redirect_stderr=False)
+            self._live.start()
+        return self._live
 
     def log(self, line: str) -> None:
-        if self.tty and self._last_line:
-            self.stream.write("\r\x1b[K")
+        if self._live is not None:
+            self._live.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self._live.refresh()
+            return
         self.stream.write(line + "\n")
-        if self.tty and self._last_line:
-            self.stream.write(self._last_line)
         self.stream.flush()
 
     def update(self, summary: Summary) -> None:
@@ -240,8 +254,9 @@ class LiveProgress:
         line = format_summary(summary)
         if self.tty:
             if line != self._last_line:
-                self.stream.write("\r\x1b[K" + line)
-                self.stream.flush()
+                from rich.text import Text
+
+                self._region().update(Text(line), refresh=True)
                 self._last_line = line
         elif time.monotonic() - self._last_print >= self.every_s and line != self._last_line:
             self.stream.write(line + "\n")
@@ -249,7 +264,7 @@ class LiveProgress:
             self._last_line, self._last_print = line, time.monotonic()
 
     def close(self) -> None:
-        if self.tty and self._last_line:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._live is not None:
+            self._live.stop()  # leaves the last summary on screen
+            self._live = None
         self._last_line = ""

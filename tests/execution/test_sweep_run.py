@@ -1,5 +1,7 @@
-"""`sweep run` end to end on Ray, on the demo models: resume after a killed driver, model affinity, a lost
-node, grown grids, failures, timeouts, two drivers, a cut-off log, an object-store study directory.
+"""`sweep run` end to end on Ray, on the demo models: resume after a killed driver, model affinity, grown
+grids, failures, timeouts, two drivers, a cut-off log, an object-store study directory. (A lost node:
+tests/execution/test_multinode.py, on separate `ray start` node processes, and
+tests/reliability/test_faults.py on an in-process cluster.)
 
 GPUs are Ray logical resources here (the machine has none); the trials run on CPU.
 """
@@ -7,12 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -164,54 +163,6 @@ def test_driver_killed_with_sigkill_resumes_without_rerunning_and_matches(refere
     assert len(finished) == 46 and len({e["key"] for e in finished}) == 46
     assert_same_results(results_table(out), results_table(reference_out))
     assert not (out / "driver.lock").exists()
-
-
-def test_lost_node_leaves_its_trials_to_the_other_node(assets, tmp_path, monkeypatch):
-    from ray.cluster_utils import Cluster
-
-    study_path = light_demo_study(tmp_path)
-    study = yaml.safe_load(study_path.read_text())
-    for model in study["models"]:
-        model["gpus"] = 1  # one logical GPU per replica: one actor per worker node
-    study_path.write_text(yaml.safe_dump(study))
-    temp_dir = tempfile.mkdtemp(prefix="sweep-t-")  # short: Ray's socket paths must fit in 107 bytes
-    monkeypatch.setenv("RAY_TMPDIR", temp_dir)  # Cluster writes its address file there, not in a shared /tmp/ray
-    os.makedirs(os.path.join(temp_dir, "ray"))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir})
-    try:
-        doomed = cluster.add_node(num_cpus=1, num_gpus=1)
-        cluster.add_node(num_cpus=1, num_gpus=1)
-        cluster.wait_for_nodes()
-        out = tmp_path / "runs" / "light"
-        removed = threading.Event()
-
-        def lose_a_node_mid_run():
-            while not removed.is_set():
-                if (out / "events").is_dir() and len(of_kind(events(out), "finished")) >= 10:
-                    cluster.remove_node(doomed)
-                    removed.set()
-                time.sleep(0.2)
-
-        # The driver runs here (a driver in another process cannot use an in-process Cluster's nodes).
-        killer = threading.Thread(target=lose_a_node_mid_run, daemon=True)
-        killer.start()
-        try:
-            outcome = run_study(study_path, RunOptions(address=cluster.address, progress=False, shared_dir=True))
-        finally:
-            removed.set()
-            killer.join()
-        assert outcome.code == 0
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    evs = events(out)
-    finished = of_kind(evs, "finished")
-    assert len(finished) == 46 and len({e["key"] for e in finished}) == 46, "lost or duplicated trials"
-    assert of_kind(evs, "run_finished")[-1]["actors_lost"] >= 1
-    assert all(e["gpus"] for e in finished)  # each trial ran on an actor holding a GPU
-    nodes = {e["node"] for e in finished}
-    assert len(nodes) == 2  # both nodes worked before one was lost
-    assert of_kind(evs, "actor_lost")
 
 
 def test_grown_grid_runs_only_new_trials_and_a_changed_suite_gets_new_keys(assets, tmp_path):

@@ -4,8 +4,8 @@ half-written, the disk full under the event log. In every case the study complet
 clear message and then completes), and its results equal an uninterrupted run's: the same keys, the same
 metrics, no trial recorded twice.
 
-Sizes: SWEEP_RELIABILITY_KILLS (driver kills, default 3; 20 or more for the long run) and
-SWEEP_RELIABILITY_ROUNDS (log cuts and artifact damage, default 2). SWEEP_RELIABILITY_SEED picks the
+Sizes: SWEEP_RELIABILITY_KILLS (driver kills, default 2; 20 or more for the long run) and
+SWEEP_RELIABILITY_ROUNDS (log cuts and artifact damage, default 1). SWEEP_RELIABILITY_SEED picks the
 moments (default 0). With SWEEP_RELIABILITY_REPORT=FILE each test appends its figures to FILE as a JSON
 line: `python -m tests.reliability.summarize FILE` turns them into the table of reports/reliability.md.
 """
@@ -39,8 +39,8 @@ from tests.execution.test_sweep_run import (
 
 pytestmark = pytest.mark.slow
 
-KILLS = int(os.environ.get("SWEEP_RELIABILITY_KILLS", "3"))
-ROUNDS = int(os.environ.get("SWEEP_RELIABILITY_ROUNDS", "2"))
+KILLS = int(os.environ.get("SWEEP_RELIABILITY_KILLS", "2"))
+ROUNDS = int(os.environ.get("SWEEP_RELIABILITY_ROUNDS", "1"))
 SEED = int(os.environ.get("SWEEP_RELIABILITY_SEED", "0"))
 
 

@@ -257,6 +257,32 @@ def test_progress_lines():
     assert stream.getvalue().count("4/10 done") == 1 and "  done    x\n" in stream.getvalue()
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_live_progress_on_a_terminal_redraws_in_place_with_event_lines_above():
+    """On a terminal the driver's bar is a rich live region: each update redraws it (cursor moves up and
+    erases the lines it took), event lines print above it, and the last summary stays on screen."""
+    def summary(done: int) -> Summary:
+        return Summary(total=10, done=done, running=1, failed=0, left=9 - done, eta_s=60.0 * (10 - done))
+
+    screen = Terminal()
+    live = LiveProgress(screen)
+    live.update(summary(1))
+    live.log("  done    m.wanda.s50.cal-de.seed0  (1.0 s, actor #1, attempt 1)")
+    live.update(summary(2))
+    live.update(summary(2))  # unchanged: nothing redrawn
+    live.close()
+    text = screen.getvalue()
+    assert text.count("2/10 done") == 2 and "1/10 done" in text  # drawn by the first update and on close only
+    assert "\x1b[" in text  # cursor control: redrawn in place, not appended
+    event = text.index("  done    m.wanda.s50.cal-de.seed0")
+    assert text.index("1/10 done") < event < text.rindex("2/10 done")  # the event above the newer bar
+    assert text.replace("\x1b[?25h", "").endswith("\n")  # (the cursor shown again) the final summary left on its own line for what the driver prints next
+
+
 # -- the command on study directories written with StudyStore ------------------------------------------------
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 512,
          "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8}
