@@ -54,7 +54,7 @@ study-gemma: venv handbook
 	$(VENV)/bin/sweep report runs/gemma3-270m --out reports/gemma3-270m
 
 test: venv handbook browser lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 # ruff's rules are in pyproject.toml; the import rules are tests/test_architecture.py.
 lint: venv

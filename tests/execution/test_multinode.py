@@ -120,6 +120,13 @@ def cluster(assets):
         yield local
     finally:
         try:
+            # Every node asked to stop at once (each `ray start --block` shuts its node down on SIGTERM),
+            # then whatever of ours is left stopped by pid, node by node.
+            for node in local.nodes.values():
+                if node.process.poll() is None:
+                    node.process.send_signal(signal.SIGTERM)
+            psutil.wait_procs([psutil.Process(n.process.pid) for n in local.nodes.values() if n.process.poll() is None],
+                              timeout=10)
             for node in reversed(list(local.nodes.values())):
                 stop_started(node.process, str(root))
         finally:
