@@ -171,3 +171,14 @@ def test_a_hub_card_is_read_from_the_cache_and_an_unreachable_hub_leaves_the_lic
     card = model_card(CardInputs(name="m", key="k", base="org/no-such-model-anywhere", method="wanda",
                                  sparsity="0.5", evaluation_languages=("en",)))
     assert "licence could not be read" in card and "license:" not in card
+
+
+@pytest.mark.slow
+def test_the_real_gemma_build_gives_its_licence_and_hub_origin(gemma3_270m_dir):
+    """The provenance.json engine.pretrained.build really writes, not a hand-made one: the card of a model
+    pruned from the GGUF-built Gemma 3 270M says `license: gemma` and names google/gemma-3-270m as the base
+    the hub knows."""
+    from engine.save import local_hub_id
+
+    assert base_licence(str(gemma3_270m_dir)) == Licence("gemma", source="the base model's provenance.json")
+    assert local_hub_id(Path(gemma3_270m_dir)) == "google/gemma-3-270m"
