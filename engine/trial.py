@@ -17,6 +17,7 @@ import torch
 from engine.analyze.collect import StatisticsCollector
 from engine.data.calibration import WindowRequest, calibration_set, document_separator
 from engine.data.sources import TextSourceConfig, documents
+from engine.evaluate.shared_prefix import DEFAULT_SCORER
 from engine.evaluate.suite import language_tokens, perplexity_of_tokens
 from engine.evaluate.tasks import TaskRequest, run_tasks
 from engine.evaluate.text_cache import evaluation_cache_path, read_evaluation_tokens, write_evaluation_tokens
@@ -90,6 +91,9 @@ class EvaluationConfig:
     tasks: tuple[TaskConfig, ...] = ()
     include_path: Path | None = None
     batch_size: int = 8
+    # How lm-eval's loglikelihood requests are computed: `shared_prefix` (each context once) or `lm_eval`
+    # (its HFLM, one full sequence per request); the metrics are lm-eval's either way.
+    task_scorer: str = DEFAULT_SCORER
 
 
 @dataclass(frozen=True)
@@ -292,7 +296,7 @@ def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict, result: d
         started = time.perf_counter()
         requests = [TaskRequest(t.name, t.shots, t.limit) for t in ev.tasks]
         out = run_tasks(loaded.model, loaded.tokenizer, requests, include_path=ev.include_path,
-                        batch_size=ev.batch_size, device=config.device)
+                        batch_size=ev.batch_size, device=config.device, scorer=ev.task_scorer)
         by_name = {t.name: t for t in ev.tasks}
         for name, task in out["tasks"].items():
             if name not in by_name:
@@ -304,6 +308,7 @@ def _evaluate(config: TrialConfig, loaded: LoadedModel, timings: dict, result: d
                              "higher_is_better": task.get("higher_is_better", {}).get(metric),
                              "samples": task.get("samples"), "shots": by_name[name].shots,
                              "lm_eval_version": out["lm_eval_version"], "task_version": task.get("version"),
+                             "task_scorer": out["scorer"],
                              "task_hash": task.get("task_hash"), "config_hash": task.get("config_hash")})
         timings["tasks"] = time.perf_counter() - started
     if config.artifacts_dir is not None and not units.empty:

@@ -158,7 +158,9 @@ class StatisticsCollector:
                     record.tokens += x.shape[0]
             return hook
 
-        handles.append(self.model.register_forward_pre_hook(remember_mask, with_kwargs=True))
+        # On the body, which both the whole model and the evaluation's split head (output_head.py) run.
+        body = getattr(self.model, "base_model", None) or self.model
+        handles.append(body.register_forward_pre_hook(remember_mask, with_kwargs=True))
         for i, (layer, activation) in enumerate(zip(self.layers, self.activations)):
             handles.append(activation.register_forward_hook(count_active(i)))
             handles.append(layer.register_forward_hook(sum_hidden(i)))

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.evaluate.output_head import split_head, vocabulary_size
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -61,14 +63,33 @@ def batches_of_equal_length(chunks: list[list[int]], batch_size: int) -> list[li
 @torch.no_grad()
 def window_token_nll(model: torch.nn.Module, batch: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Next-token NLL (nats) at every position [rows, width - 1], zero where the target is padding.
-    Rows are scored one at a time in float32: a batch's float32 logits and log-probabilities would take
-    2 x batch x window x vocab x 4 bytes (17 GB for 8 x 2048 x 128k), one row's take a batch-th of that."""
-    logits = model(input_ids=batch, attention_mask=attention_mask).logits
-    targets = batch[:, 1:].to(logits.device)  # a model spread over GPUs may answer on its last one
-    weights = attention_mask[:, 1:].to(logits.device)
-    rows = [torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none") * weights[row]
-            for row in range(logits.shape[0])]
-    return torch.stack(rows)
+
+    When the model's head splits off (`output_head.split_head`), the body runs once and the head and
+    the loss run a chunk of positions at a time, so a chunk's logits are consumed while still in
+    cache and a batch's vocabulary-wide logits never all exist at once. Otherwise the whole model runs
+    and rows are scored one at a time. Either way the loss is float32 `cross_entropy` of the model's
+    own logits."""
+    split = split_head(model)
+    targets_all = batch[:, 1:]
+    if split is None:
+        logits = model(input_ids=batch, attention_mask=attention_mask).logits
+        targets = targets_all.to(logits.device)  # a model spread over GPUs may answer on its last one
+        weights = attention_mask[:, 1:].to(logits.device)
+        rows = [torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row], reduction="none")
+                * weights[row] for row in range(logits.shape[0])]
+        return torch.stack(rows)
+    hidden = split.body(input_ids=batch, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    n_rows, width = targets_all.shape
+    flat = hidden[:, :-1].reshape(n_rows * width, hidden.shape[-1])
+    targets = targets_all.reshape(-1)
+    per_chunk = split.positions_per_chunk(vocabulary_size(split), flat.device)
+    losses = []
+    for begin in range(0, flat.shape[0], per_chunk):
+        logits = split.logits(flat[begin:begin + per_chunk])
+        losses.append(torch.nn.functional.cross_entropy(
+            logits.float(), targets[begin:begin + per_chunk].to(logits.device), reduction="none"))
+    nll = torch.cat(losses).view(n_rows, width)
+    return nll * attention_mask[:, 1:].to(nll.device)
 
 
 def window_nll(model: torch.nn.Module, batch: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

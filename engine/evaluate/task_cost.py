@@ -1,13 +1,17 @@
 """What a study's lm-eval tasks make the model compute per trial, counted from lm-eval's own requests.
 
 The tasks are built exactly as `engine.evaluate.tasks.run_tasks` builds them (same task manager, shots,
-limits and few-shot seed), tokenized by lm-eval's `HFLM` with the model's tokenizer, and batched by
-lm-eval's own `Collator` the way `HFLM._loglikelihood_tokens` batches them: descending length, one row
-for all requests that share a context and differ only in a one-token continuation (multiple choice with
-answers "A"/"B"/...), each row truncated to the model's length and padded to its batch's longest. Only
-the model call is left out: `HFLM` runs here on a meta-device copy of the model (no weights), and the
-batches are recorded instead of run. The result is the positions the GPU computes per trial, which
-`sweep.plan.estimate` turns into seconds with the perplexity rate measured on the H100.
+limits and few-shot seed) and tokenized by lm-eval's `HFLM` with the model's tokenizer. Only the model
+call is left out: `HFLM` runs here on a meta-device copy of the model (no weights), and the batches are
+recorded instead of run, as the chosen scorer would batch them:
+- `shared_prefix` (the default, engine/evaluate/shared_prefix.py): per batch of contexts, one pass over
+  the left-padded contexts and one over the right-padded continuations;
+- `lm_eval`: lm-eval's own `Collator`, the way `HFLM._loglikelihood_tokens` batches: descending length,
+  one row for all requests that share a context and differ only in a one-token continuation (multiple
+  choice with answers "A"/"B"/...), each row truncated to the model's length and padded to its batch's
+  longest.
+The result is the positions the GPU computes per trial, which `sweep.plan.estimate` turns into seconds
+with the perplexity rate measured on the H100.
 
 `generate_until` requests are counted as their context plus `max_gen_toks` positions (an upper bound:
 generation may stop early), and flagged.
@@ -19,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.evaluate.shared_prefix import DEFAULT_SCORER, SCORERS, RollingFlag, model_calls
 from engine.evaluate.tasks import TaskRequest, flatten_tasks, manager_for
 
 
@@ -72,22 +77,28 @@ def loglikelihood_batches(requests: Sequence[tuple], batch_size: int, max_length
     return out
 
 
-def _recording_lm(model, tokenizer, batch_size: int, cost: TaskCost):
-    """An `HFLM` whose model calls are recorded into `cost` rather than run."""
+def _recording_lm(model, tokenizer, batch_size: int, cost: TaskCost, scorer: str):
+    """An `HFLM` whose model calls are recorded into `cost` rather than run: lm-eval's own batches, or
+    the shared-prefix scorer's (which leaves rolling loglikelihoods to lm-eval's path)."""
     from lm_eval.models.huggingface import HFLM
 
-    class RecordingLM(HFLM):
+    class RecordingLM(RollingFlag, HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-            share = self.backend == "causal" and bool(self.logits_cache)
-            cost.batches.extend(loglikelihood_batches(requests, override_bs or self.batch_size, self.max_length, share))
+            rows = override_bs or self.batch_size
+            if scorer == "shared_prefix" and not self._rolling and self.backend == "causal":
+                cost.batches.extend(model_calls(requests, rows, self.max_length))
+            else:
+                share = self.backend == "causal" and bool(self.logits_cache)
+                cost.batches.extend(loglikelihood_batches(requests, rows, self.max_length, share))
             return [(0.0, True)] * len(requests)
 
     return RecordingLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
 
 
-def task_cost(config, tokenizer, requests: Sequence, include_path: Path | None, batch_size: int) -> TaskCost:
+def task_cost(config, tokenizer, requests: Sequence, include_path: Path | None, batch_size: int,
+              scorer: str = DEFAULT_SCORER) -> TaskCost:
     """The per-trial cost of `requests` (engine.evaluate.tasks.TaskRequest) on a model with this
-    transformers `config` and `tokenizer`. Reads each task's data (lm-eval's dataset loading: the local
+    transformers `config` and `tokenizer`, computed by `scorer` (engine.evaluate.shared_prefix.SCORERS). Reads each task's data (lm-eval's dataset loading: the local
     include path, the datasets cache, or the hub)."""
     import torch
     from lm_eval.defaults import DEFAULT_OTHER_SEED
@@ -97,7 +108,9 @@ def task_cost(config, tokenizer, requests: Sequence, include_path: Path | None, 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     cost = TaskCost()
-    lm = _recording_lm(model, tokenizer, batch_size, cost)
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    lm = _recording_lm(model, tokenizer, batch_size, cost, scorer)
     manager, _ = manager_for([r.name for r in requests], Path(include_path) if include_path is not None else None)
     # As run_tasks: one simple_evaluate per (shots, limit), which hands each request type's instances of
     # all its tasks to the model in one call (so they are sorted and batched together).

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+from engine.evaluate.shared_prefix import DEFAULT_SCORER, SCORERS, shared_prefix_lm
 from engine.io import atomic_write_bytes, cache_dir
 
 INDEX_SUBDIR = "lm_eval_task_index"
@@ -52,6 +53,7 @@ STDERR_SUFFIX = "_stderr"
 # In-process memos: TaskManager construction is slow (it parses every YAML lm-eval ships).
 _INDEX_MEMO: dict[str, frozenset[str]] = {}
 _MANAGER_MEMO: dict[tuple[str, bool], object] = {}
+_LOADED_MEMO: dict[tuple[int, tuple[str, ...], int], tuple[object, dict]] = {}
 
 
 @dataclass(frozen=True)
@@ -362,17 +364,54 @@ def flatten_tasks(value) -> list:
     return []
 
 
+def loaded_tasks(manager, names: Sequence[str], shots: int) -> dict:
+    """lm-eval's loaded task set for `names` (what `TaskManager.load` returns: task objects with their
+    datasets), built once per (task manager, names, shots) in this process and reused by every later
+    trial. Task objects are safe to reuse: each evaluation rebuilds their request instances, and the
+    few-shot override and seed are applied again before each one (`_prepare`). Keyed by shots too,
+    because lm-eval leaves a task alone once its configured num_fewshot is 0."""
+    key = (id(manager), tuple(names), shots)
+    entry = _LOADED_MEMO.get(key)
+    if entry is None or entry[0] is not manager:
+        entry = (manager, manager.load(list(names)))
+        _LOADED_MEMO[key] = entry
+    return entry[1]
+
+
+def _prepare(loaded: dict, shots: int) -> None:
+    """What `lm_eval.simple_evaluate` does to the loaded tasks and the random generators before it calls
+    `evaluate` (lm-eval 0.4.x), with lm-eval's default seeds; `run_tasks` calls `evaluate` itself so that
+    it can hand over task objects it already built and skip collecting the environment's description
+    (a pip listing in subprocesses, 0.3-0.5 s a call)."""
+    import random
+
+    import numpy as np
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+    from lm_eval.utils import set_torch_seed
+
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    set_torch_seed(DEFAULT_OTHER_SEED)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=shots)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+
+
 def run_tasks(model, tokenizer, requests: Sequence[TaskRequest], include_path: Path | None = None,
               batch_size: int = 8, max_length: int | None = None, device: str = "cpu", *,
-              bootstrap_iters: int = 100000) -> dict:
-    """Evaluates the already-loaded `model` on `requests`: one `simple_evaluate` call per distinct
-    (shots, limit), lm-eval's default seeds, no response or request cache. See the module docstring
-    for the returned layout."""
-    import lm_eval
+              bootstrap_iters: int = 100000, scorer: str = DEFAULT_SCORER) -> dict:
+    """Evaluates the already-loaded `model` on `requests`: one lm-eval `evaluate` call per distinct
+    (shots, limit), lm-eval's default seeds, no response or request cache. `scorer` is how the
+    loglikelihood requests are computed: `shared_prefix` (engine.evaluate.shared_prefix: each context
+    once, lm-eval's numbers) or `lm_eval` (lm-eval's own HFLM, one full sequence per request). See the
+    module docstring for the returned layout."""
     import torch
-    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+    from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     requests = [TaskRequest(r) if isinstance(r, str) else r for r in requests]
     if not requests:
         raise ValueError("no task requests given")
@@ -393,34 +432,21 @@ def run_tasks(model, tokenizer, requests: Sequence[TaskRequest], include_path: P
 
     manager, _ = manager_for([r.name for r in requests], include)
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-              device=device)
+    make_lm = shared_prefix_lm if scorer == "shared_prefix" else HFLM
+    lm = make_lm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
     results: dict[str, dict] = {}
     try:
         for (shots, limit), names in groups.items():
-            raw = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=list(names),
-                num_fewshot=shots,
-                batch_size=batch_size,
-                device=device,
-                use_cache=None,
-                cache_requests=False,
-                limit=limit,
-                bootstrap_iters=bootstrap_iters,
-                log_samples=True,
-                task_manager=manager,
-                random_seed=DEFAULT_RANDOM_SEED,
-                numpy_random_seed=DEFAULT_OTHER_SEED,
-                torch_random_seed=DEFAULT_OTHER_SEED,
-                fewshot_random_seed=DEFAULT_OTHER_SEED,
-            )
+            loaded = loaded_tasks(manager, names, shots)
+            _prepare(loaded, shots)
+            raw = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=bootstrap_iters,
+                           log_samples=True, cache_requests=False, fewshot_as_multiturn=True)
             if raw is None:
-                raise RuntimeError("lm_eval.simple_evaluate returned no results (not rank 0?)")
+                raise RuntimeError("lm_eval's evaluate returned no results (not rank 0?)")
             for name, entry in _collect(raw, set(names), shots, limit).items():
                 if name in results and not entry["requested"]:
                     continue
                 results[name] = entry
     finally:
         model.train(was_training)
-    return {"lm_eval_version": lm_eval_version(), "tasks": results}
+    return {"lm_eval_version": lm_eval_version(), "scorer": scorer, "tasks": results}

@@ -213,7 +213,7 @@ def model_task_cost(study: Study, index: int):
         config = AutoConfig.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision,
                                                   trust_remote_code=spec.trust_remote_code)
-        return task_cost(config, tokenizer, requests, ev.include_path, ev.batch_size), None
+        return task_cost(config, tokenizer, requests, ev.include_path, ev.batch_size, ev.task_scorer), None
     except Exception as err:  # noqa: BLE001 - offline, gated, a dataset not cached: all say the same
         return None, (f"not counted ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
                       f"`sweep prefetch STUDY` fills the caches this reads")

@@ -164,6 +164,10 @@ class EvaluationSpec(Strict):
     include_path: StrictStr | None = Field(
         None, description="a folder of extra lm-eval task YAMLs (offline tasks, your own tasks)")
     batch_size: StrictInt = Field(8, gt=0, description="sequences per forward pass in evaluation")
+    task_scorer: Literal["shared_prefix", "lm_eval"] = Field(
+        "shared_prefix", description="how lm-eval's loglikelihood requests are computed: `shared_prefix` runs each "
+                                     "context once and reuses its KV cache for every answer (lm-eval's numbers, "
+                                     "docs/evaluation.md); `lm_eval` uses lm-eval's own HFLM, for comparison")
 
 
 class LapeSpec(Strict):

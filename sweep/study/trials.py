@@ -43,7 +43,7 @@ def evaluation_config(study: Study, tasks: list[TaskConfig] | None = None) -> Ev
         tasks = resolved_tasks(study)
     return EvaluationConfig(languages=tuple(ev.languages), perplexity=perplexity, tasks=tuple(tasks),
                             include_path=study.resolve(ev.include_path) if ev.include_path else None,
-                            batch_size=ev.batch_size)
+                            batch_size=ev.batch_size, task_scorer=ev.task_scorer)
 
 
 def hub_repo(study: Study, trial: TrialSpec) -> str | None:

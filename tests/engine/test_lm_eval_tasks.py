@@ -196,21 +196,24 @@ def test_run_tasks_in_memory(en_sw):
 
 
 def test_run_tasks_groups_requests_by_shots_and_limit(llama, include, monkeypatch):
-    import lm_eval
+    import lm_eval.evaluator
 
     calls = []
-    real = lm_eval.simple_evaluate
+    real = lm_eval.evaluator.evaluate
 
     def counting(*args, **kwargs):
-        calls.append((tuple(kwargs["tasks"]), kwargs["num_fewshot"], kwargs["limit"], kwargs["use_cache"]))
+        tasks = kwargs["task_dict"]["tasks"]
+        calls.append((tuple(sorted(tasks)), tuple(t.get_config("num_fewshot") for t in tasks.values()),
+                      kwargs["limit"], kwargs["cache_requests"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lm_eval, "simple_evaluate", counting)
+    monkeypatch.setattr(lm_eval.evaluator, "evaluate", counting)
     model, tokenizer, _ = llama
     requests = [TaskRequest(task_name("de"), limit=4), TaskRequest(task_name("zh"), limit=6),
                 TaskRequest(task_name("es"), limit=4)]
     result = run_tasks(model, tokenizer, requests, include_path=include, max_length=MAX_LENGTH)
-    assert sorted(calls) == [((task_name("de"), task_name("es")), 0, 4, None), ((task_name("zh"),), 0, 6, None)]
+    assert sorted(calls) == [((task_name("de"), task_name("es")), (0, 0), 4, False),
+                             ((task_name("zh"),), (0,), 6, False)]
     assert {name: entry["samples"] for name, entry in result["tasks"].items()} == {
         task_name("de"): 4, task_name("es"): 4, task_name("zh"): 6}
 

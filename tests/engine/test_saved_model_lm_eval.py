@@ -120,8 +120,10 @@ def trial(request, include, tmp_path_factory):
     tasks = (TaskConfig(CHOICE_TASK, "de", 0, limit), TaskConfig(ROLLING_TASK, "sw", 0, limit))
     config = TrialConfig(
         key="v1-savedmodeltest0000", name=f"{model_name}.wanda.s50.cal-{CALIBRATION_LANGUAGE}.seed{SEED}",
+        # lm-eval's own scorer: this checks the saved model against the CLI bit for bit (the shared-prefix
+        # scorer's agreement with it is tests/engine/test_shared_prefix.py's).
         evaluation=EvaluationConfig(languages=("de", "sw"), perplexity=None, tasks=tasks, include_path=include_dir,
-                                    batch_size=BATCH_SIZE),
+                                    batch_size=BATCH_SIZE, task_scorer="lm_eval"),
         pruning=PruningConfig("wanda", "0.5"),
         calibration=CalibrationConfig(corpus("calibration"), ((CALIBRATION_LANGUAGE, 1.0),), samples=8, seq_len=64,
                                       seed=SEED),

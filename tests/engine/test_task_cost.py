@@ -74,9 +74,10 @@ def include(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["demo-llama", "demo-cohere"])
-def test_counted_batches_are_the_batches_lm_eval_runs(include, model):
+def test_counted_batches_are_the_batches_each_scorer_runs(include, model):
     from transformers import AutoConfig
 
+    from engine.evaluate.output_head import split_head
     from engine.evaluate.tasks import TaskRequest, run_tasks
     from engine.models import ModelSource
     from engine.trial import load
@@ -86,30 +87,39 @@ def test_counted_batches_are_the_batches_lm_eval_runs(include, model):
                 TaskRequest(LETTER_TASK, 0, None), TaskRequest("rolling_sw", 0, 2)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    counted, seen = {}, {}
     try:
         with environment(OFFLINE):
             loaded = load(ModelSource(path, dtype="float32"))
             config = AutoConfig.from_pretrained(path)
-            counted = task_cost(config, loaded.tokenizer, requests, include, batch_size=4)
-            letters_only = task_cost(config, loaded.tokenizer, [TaskRequest(LETTER_TASK)], include, batch_size=4)
-            seen = []
+            split_head(loaded.model)  # its one-off probe of the model is not a scoring call
+            letters_only = task_cost(config, loaded.tokenizer, [TaskRequest(LETTER_TASK)], include, batch_size=4,
+                                     scorer="lm_eval")
+            for scorer in ("lm_eval", "shared_prefix"):
+                counted[scorer] = task_cost(config, loaded.tokenizer, requests, include, batch_size=4, scorer=scorer)
+                calls = seen[scorer] = []
 
-            def record(module, args, kwargs):
-                ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
-                seen.append(tuple(ids.shape))
+                def record(module, args, kwargs, calls=calls):
+                    ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+                    calls.append(tuple(ids.shape))
 
-            hook = loaded.model.register_forward_pre_hook(record, with_kwargs=True)
-            try:
-                run_tasks(loaded.model, loaded.tokenizer, requests, include_path=include, batch_size=4)
-            finally:
-                hook.remove()
+                # The body runs in every call of either scorer (the whole model calls it too).
+                hook = loaded.model.base_model.register_forward_pre_hook(record, with_kwargs=True)
+                try:
+                    run_tasks(loaded.model, loaded.tokenizer, requests, include_path=include, batch_size=4,
+                              scorer=scorer)
+                finally:
+                    hook.remove()
     finally:
         torch.set_num_threads(threads)
-    assert counted.requests["loglikelihood"] == 6 * 4 * 2 + 9 * 4
-    assert counted.requests["loglikelihood_rolling"] == 2
-    assert sorted(counted.batches) == sorted(seen)
+    for scorer in ("lm_eval", "shared_prefix"):
+        assert counted[scorer].requests["loglikelihood"] == 6 * 4 * 2 + 9 * 4
+        assert counted[scorer].requests["loglikelihood_rolling"] == 2
+        assert sorted(counted[scorer].batches) == sorted(seen[scorer]), scorer
     # the 9 letter questions are fed once each, not once per letter
     assert letters_only.requests == {"loglikelihood": 36} and letters_only.sequences == 9
+    # sharing contexts computes fewer positions than lm-eval's one sequence per answer
+    assert counted["shared_prefix"].positions < 0.8 * counted["lm_eval"].positions
 
 
 def test_plan_estimate_counts_the_demo_tasks(capsys):
@@ -123,6 +133,7 @@ def test_plan_estimate_counts_the_demo_tasks(capsys):
     with environment(OFFLINE):
         assert main(["plan", study, "--estimate", "--tasks", "--summary"]) == 0
     out = capsys.readouterr().out
-    # 7 continuation tasks x 20 documents x 4 multi-token endings, each its own row, for both models
-    assert out.count("tasks per trial: 560 requests (560 loglikelihood) -> 560 model rows") == 2
+    # 7 continuation tasks x 20 documents x 4 multi-token endings, for both models: with shared prefixes
+    # each document's context is one row and each ending one more
+    assert out.count("tasks per trial: 560 requests (560 loglikelihood) -> 700 model rows") == 2
     assert "lm-eval tasks (--tasks counts them)" not in out
