@@ -4,7 +4,8 @@ Scoring text needs the log-softmax of the logits at many positions. Run whole, t
 position's vocabulary-wide logits to memory before anything reads them (67 MB for 2,048 positions of
 an 8k vocabulary; 2 GB at Llama-3's 128k), and on a CPU that write, not the arithmetic, sets the
 speed. Split, the body runs once and the head runs over a few positions at a time, each chunk's logits
-consumed while they are still in cache: 2.6x faster for head plus loss on 2,048 x 8,192 on one core.
+consumed while they are still in cache: 2.6x faster for head plus loss on 2,048 x 8,192 on one core
+(chunk sizes: `SplitHead.positions_per_chunk`).
 
 Nothing architecture-specific is assumed. `split_head` takes the model's own `base_model` and
 `get_output_embeddings()`, then checks on a probe input that body + head gives the model's own logits,
@@ -22,8 +23,12 @@ import torch
 
 # The probe's tolerance: body + head must give the model's logits to this relative precision.
 PROBE_RTOL = 1e-5
-# Positions per head chunk on a CPU: this many bytes of float32 logits stay in cache.
-CPU_CHUNK_BYTES = 1 << 22
+# Positions per head chunk on a CPU: enough that the head's weight, read once per chunk, is not what
+# costs (at least `hidden` positions: Gemma 3's 262k x 640 head is 5x slower in chunks of 8 than of
+# 640), and as few more as keep the chunk's float32 logits in cache (4 MiB: 128 positions of an 8k
+# vocabulary) but never over CPU_CHUNK_MAX_BYTES of them.
+CPU_CHUNK_CACHE_BYTES = 1 << 22
+CPU_CHUNK_MAX_BYTES = 1 << 29
 # On a GPU, chunks only bound memory.
 GPU_CHUNK_ELEMENTS = 1 << 28
 
@@ -39,9 +44,11 @@ class SplitHead:
         return logits if self.scale is None else logits * self.scale
 
     def positions_per_chunk(self, vocab: int, device: torch.device) -> int:
-        if device.type == "cpu":
-            return max(8, CPU_CHUNK_BYTES // (4 * vocab))
-        return max(1, GPU_CHUNK_ELEMENTS // vocab)
+        if device.type != "cpu":
+            return max(1, GPU_CHUNK_ELEMENTS // vocab)
+        hidden = int(getattr(self.head, "in_features", 0) or self.head.weight.shape[1])
+        wanted = max(CPU_CHUNK_CACHE_BYTES // (4 * vocab), hidden)
+        return max(1, min(wanted, CPU_CHUNK_MAX_BYTES // (4 * vocab)))
 
 
 def vocabulary_size(split: SplitHead) -> int:

@@ -146,20 +146,25 @@ def group_by_context(requests: Sequence[ScoringRequest], rows_per_group: int | N
 
 def plan_batches(groups: Sequence[ContextGroup], rows_per_batch: int) -> list[list[ContextGroup]]:
     """Groups, longest prefix first (so a batch's prefixes need little padding, and memory runs out at
-    once if it will), packed into batches of at most `rows_per_batch` continuations across documents."""
+    once if it will), packed into batches across documents. Groups whose members all end with the
+    prefix (one-token answers: Belebele's " A"/" B"/...) need no continuation pass and are batched
+    apart, `rows_per_batch` prefixes at a time; the others take `rows_per_batch` continuation rows."""
     if rows_per_batch < 1:
         raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
-    ordered = sorted(groups, key=lambda g: (-len(g.prefix), g.prefix))
     batches: list[list[ContextGroup]] = []
-    rows = 0
-    for group in ordered:
-        n = len(group.members)
-        if batches and rows + n <= rows_per_batch:
-            batches[-1].append(group)
-            rows += n
-        else:
-            batches.append([group])
-            rows = n
+    prefix_only = [g for g in groups if all(len(g.tail(m)) == 1 for m in g.members)]
+    continued = [g for g in groups if any(len(g.tail(m)) > 1 for m in g.members)]
+    for kind, rows_of in ((prefix_only, lambda g: 1), (continued, lambda g: len(g.members))):
+        rows = 0
+        first = len(batches)
+        for group in sorted(kind, key=lambda g: (-len(g.prefix), g.prefix)):
+            n = rows_of(group)
+            if len(batches) > first and rows + n <= rows_per_batch:
+                batches[-1].append(group)
+                rows += n
+            else:
+                batches.append([group])
+                rows = n
     return batches
 
 

@@ -27,12 +27,15 @@ from engine.evaluate.tasks import TaskRequest, run_tasks
 from tests.conftest import OFFLINE, environment
 
 TOLERANCE = 1e-4  # nats, float32
+RELATIVE = 1e-6
 
 
 def tolerance(value: float) -> float:
-    """1e-4 nats, or two float32 spacings at the value's magnitude where that is larger: a float32 sum
-    near -1,000 nats moves in steps of 6.1e-5, so two correct sums there can differ by 1.2e-4."""
-    return max(TOLERANCE, 2 * math.ulp(abs(value)) * 2 ** 29)
+    """1e-4 nats, or 1e-6 of the value where that is larger (8 float32 spacings). A float32 sum near
+    -500 nats moves in steps of 3.1e-5, and lm-eval disagrees with itself there by more than 1e-4: on
+    Gemma 3 270M's XNLI-shaped requests its batch sizes 1 and 16 differ by up to 1.5e-4
+    (benchmarks/task_scoring.py, reports/benchmarks.md)."""
+    return max(TOLERANCE, RELATIVE * abs(value))
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -63,8 +66,12 @@ def test_groups_share_context_and_the_continuations_common_start():
     # a group never has more members than a batch has rows
     many = [ScoringRequest(i, (1, 2), (i + 3,)) for i in range(10)]
     assert [len(g.members) for g in group_by_context(many, rows_per_group=4)] == [4, 4, 2]
-    batches = batches_for(many, 4)
-    assert all(sum(len(g.members) for g in batch) <= 4 for batch in batches)
+    # one-token answers need no continuation pass: a batch holds `rows` of their prefixes
+    assert [len(batch) for batch in batches_for(many, 4)] == [3]
+    letters = [ScoringRequest(4 * doc + i, (doc, 1, 2), (60 + i,)) for doc in range(6) for i in range(4)]
+    assert [len(batch) for batch in batches_for(letters, 4)] == [4, 2]
+    continued = [ScoringRequest(4 * doc + i, (doc, 1, 2), (60 + i, 7)) for doc in range(6) for i in range(4)]
+    assert all(sum(len(g.members) for g in batch) <= 4 for batch in batches_for(continued, 4))
 
 
 # ------------------------------------------------------------------------------------------ exactness
