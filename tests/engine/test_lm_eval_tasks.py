@@ -218,6 +218,42 @@ def test_run_tasks_groups_requests_by_shots_and_limit(llama, include, monkeypatc
         task_name("de"): 4, task_name("es"): 4, task_name("zh"): 6}
 
 
+def test_tasks_and_tokenized_requests_are_built_once_per_worker(llama, include, monkeypatch):
+    """A worker runs many trials on one model: the second run_tasks loads no task (its datasets) and
+    tokenizes no request again, and gives the same answers bit for bit."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    loads, encodes = [], []
+    real_load, real_encode = TaskManager.load, HFLM.tok_encode
+
+    def counting_load(self, *args, **kwargs):
+        loads.append(args)
+        return real_load(self, *args, **kwargs)
+
+    def counting_encode(self, *args, **kwargs):
+        encodes.append(args)
+        return real_encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(TaskManager, "load", counting_load)
+    monkeypatch.setattr(HFLM, "tok_encode", counting_encode)
+    model, tokenizer, _ = llama
+    requests = [TaskRequest(task_name("ru"), limit=3), TaskRequest(task_name("ar"), limit=3)]
+    first = run_tasks(model, tokenizer, requests, include_path=include, max_length=MAX_LENGTH)
+    assert len(loads) == 1 and encodes
+    loads.clear(), encodes.clear()
+    second = run_tasks(model, tokenizer, requests, include_path=include, max_length=MAX_LENGTH)
+    assert loads == [] and encodes == []
+    for name, entry in first["tasks"].items():
+        assert second["tasks"][name]["responses_hash"] == entry["responses_hash"]
+        assert second["tasks"][name]["task_hash"] == entry["task_hash"]
+        assert second["tasks"][name]["metrics"] == entry["metrics"]
+    # another shot count is another task set: lm-eval keeps a configured num_fewshot of 0 fixed
+    run_tasks(model, tokenizer, [TaskRequest(task_name("ru"), shots=1, limit=3)], include_path=include,
+              max_length=MAX_LENGTH)
+    assert len(loads) == 1
+
+
 def test_run_tasks_refuses_bad_requests(llama, include):
     model, tokenizer, _ = llama
     with pytest.raises(ValueError, match="device"):
