@@ -105,11 +105,11 @@ def measure(model_name: str, dtype: str, shapes, languages, docs: int, batch_siz
     for shape in shapes:
         instances = instances_for(shape, languages, docs, shaped_dir)
 
-        def ours():
+        def ours(instances=instances):
             shared_prefix.pair_memo(tokenizer).clear()
             return ours_lm.loglikelihood(instances, disable_tqdm=True)
 
-        def theirs():
+        def theirs(instances=instances):
             return theirs_lm.loglikelihood(instances, disable_tqdm=True)
 
         our_answers, their_answers = ours(), theirs()  # warm-up, and the numbers compared
