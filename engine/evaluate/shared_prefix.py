@@ -12,7 +12,9 @@ at `max_length`); only how they are computed changes:
    so the premise is what they share. Tokens of the shared prefix that belong to the continuations are
    still scored, once, for all of them.
 2. Groups are sorted by prefix length and packed into batches of at most `batch_size` continuation
-   rows, across documents; prefixes are left-padded, with explicit positions and an attention mask.
+   rows, across documents; prefixes are left-padded, with explicit positions and an attention mask
+   (a batch with nothing after its prefixes, one-token answers, is right-padded and run without a
+   mask, as lm-eval runs its rows).
 3. One forward over the batch's prefixes fills a KV cache; only the positions that predict a scored
    token are turned into logits.
 4. The cache's rows are repeated per continuation, and one forward over the rest of the continuations
@@ -195,32 +197,47 @@ def score_batch(model, groups: Sequence[ContextGroup], *, pad_id: int, softmax_d
     device = input_device(model)
     cache_arg = cache_argument(runner)
 
-    def run(**inputs):
+    def run(use_cache: bool = True, **inputs):
         """Per-position vectors (hidden states when the head is split off, else logits) and the cache."""
         with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = runner(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()},
-                         use_cache=True)
+                         use_cache=use_cache)
         return (out.last_hidden_state if split is not None else out.logits), returned_cache(out)
-
-    width = max(len(g.prefix) for g in groups)
-    n_groups = len(groups)
-    prefix_ids = torch.full((n_groups, width), pad_id, dtype=torch.long)
-    prefix_mask = torch.zeros((n_groups, width), dtype=torch.long)
-    prefix_positions = torch.zeros((n_groups, width), dtype=torch.long)
-    for row, group in enumerate(groups):
-        length = len(group.prefix)
-        prefix_ids[row, width - length:] = torch.tensor(group.prefix, dtype=torch.long)
-        prefix_mask[row, width - length:] = 1
-        prefix_positions[row, width - length:] = torch.arange(length)
-    # Left padding lines every prefix up at the last column, so the positions that predict scored tokens
-    # (the shared continuation tokens and each member's first tail token) are the last `shared + 1`.
-    keep = max(g.shared for g in groups) + 1
-    extra = {"logits_to_keep": keep} if split is None and "logits_to_keep" in forward_parameters(model) else {}
-    vectors, cache = run(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions, **extra)
-    vectors = vectors[:, -keep:]  # [groups, keep, dim]
 
     members = [(row, request) for row, group in enumerate(groups) for request in group.members]
     rest = max(len(groups[row].tail(request)) for row, request in members) - 1
+    width = max(len(g.prefix) for g in groups)
+    n_groups = len(groups)
+    # The positions that predict scored tokens (the shared continuation tokens, then each member's first
+    # tail token) are each prefix's last `shared + 1`.
+    keep = max(g.shared for g in groups) + 1
+    prefix_ids = torch.full((n_groups, width), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros((n_groups, width), dtype=torch.long)
+    if rest == 0:
+        # Nothing follows the prefixes (one-token answers): right-padded and run as lm-eval runs its rows,
+        # without a mask or a cache (causal attention never looks at the padding after a row's tokens).
+        for row, group in enumerate(groups):
+            prefix_ids[row, : len(group.prefix)] = torch.tensor(group.prefix, dtype=torch.long)
+        whole, _ = run(use_cache=False, input_ids=prefix_ids)
+        vectors = torch.zeros((n_groups, keep, whole.shape[-1]), dtype=whole.dtype, device=whole.device)
+        for row, group in enumerate(groups):
+            length = len(group.prefix)
+            vectors[row, keep - 1 - group.shared:] = whole[row, length - 1 - group.shared: length]
+        del whole
+        cache = None
+    else:
+        # Left-padded, so that every row's continuation follows its prefix in the cache.
+        prefix_positions = torch.zeros((n_groups, width), dtype=torch.long)
+        for row, group in enumerate(groups):
+            length = len(group.prefix)
+            prefix_ids[row, width - length:] = torch.tensor(group.prefix, dtype=torch.long)
+            prefix_mask[row, width - length:] = 1
+            prefix_positions[row, width - length:] = torch.arange(length)
+        extra = {"logits_to_keep": keep} if split is None and "logits_to_keep" in forward_parameters(model) else {}
+        vectors, cache = run(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions,
+                             **extra)
+        vectors = vectors[:, -keep:]  # [groups, keep, dim]
+
     later = None
     if rest > 0:
         group_of_row = torch.tensor([row for row, _ in members], dtype=torch.long)

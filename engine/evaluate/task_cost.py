@@ -34,6 +34,7 @@ class TaskCost:
     requests: dict[str, int] = field(default_factory=dict)
     batches: list[tuple[int, int]] = field(default_factory=list)  # (rows, padded length) of each model call
     generation_bound: bool = False
+    scorer: str = DEFAULT_SCORER  # whose batches these are (engine.evaluate.shared_prefix.SCORERS)
 
     @property
     def sequences(self) -> int:
@@ -107,7 +108,7 @@ def task_cost(config, tokenizer, requests: Sequence, include_path: Path | None, 
     requests = [TaskRequest(r) if isinstance(r, str) else r for r in requests]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    cost = TaskCost()
+    cost = TaskCost(scorer=scorer)
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     lm = _recording_lm(model, tokenizer, batch_size, cost, scorer)

@@ -13,9 +13,11 @@ Time is each stage's matrix-product FLOPs (engine/flops.py) over the rate benchm
 achieved for that stage on one H100 (MEASURED below), scaled by the GPU's bf16 peak over the H100's.
 A model spread over several GPUs runs one block at a time, so it takes as long as on one fast enough
 GPU while holding all of its GPUs: GPU-hours are seconds x gpus. lm-eval tasks are included only with
-`--tasks` (engine/evaluate/task_cost.py counts the positions lm-eval's own batches make the model compute, from
-each task's data and the model's tokenizer; they run at the perplexity rate, so lm-eval's per-request
-Python and its full-vocabulary log-softmax come on top). Not included: model loads (once per actor and
+`--tasks` (engine/evaluate/task_cost.py counts the positions the study's task scorer makes the model compute, from
+each task's data and the model's tokenizer: the shared-prefix scorer's prefix and continuation passes, or
+lm-eval's own batches with `task_scorer: lm_eval`; they run at the perplexity rate, so with lm-eval's scorer
+its per-request Python and full-vocabulary log-softmax come on top, and with the shared-prefix scorer the
+rate charges context positions for an output layer they skip). Not included: model loads (once per actor and
 model) and queueing.
 """
 from __future__ import annotations
@@ -257,7 +259,7 @@ def format_time_estimates(estimates: list[TimeEstimate], gpu_tflops: float, meas
              f"    {'model':<24} {'gpus':>4} {'trials':>6}  {'seconds per trial':<44} {'GPU-hours':>9}"]
     total = 0.0
     for e in estimates:
-        task_line = (f"      tasks per trial: {e.tasks.summary()}" if e.tasks is not None else
+        task_line = (f"      tasks per trial ({e.tasks.scorer} scorer): {e.tasks.summary()}" if e.tasks is not None else
                      f"      tasks: {e.tasks_note}" if e.tasks_note else None)
         if e.gpus == 0:
             lines.append(f"    {e.model:<24} {'cpu':>4} {sum(e.trials.values()):>6}  (runs on CPU: GPU rates do not apply)")

@@ -135,5 +135,5 @@ def test_plan_estimate_counts_the_demo_tasks(capsys):
     out = capsys.readouterr().out
     # 7 continuation tasks x 20 documents x 4 multi-token endings, for both models: with shared prefixes
     # each document's context is one row and each ending one more
-    assert out.count("tasks per trial: 560 requests (560 loglikelihood) -> 700 model rows") == 2
+    assert out.count("tasks per trial (shared_prefix scorer): 560 requests (560 loglikelihood) -> 700 model rows") == 2
     assert "lm-eval tasks (--tasks counts them)" not in out
