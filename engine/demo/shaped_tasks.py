@@ -77,10 +77,16 @@ def _pieces(text: str, n: int, size: int) -> list[str]:
 
 
 def _docs(shape: str, texts: list[str], docs: int, rng: random.Random) -> list[dict]:
+    """Each document from its own pair of paragraphs (the first len(texts) documents start with each
+    paragraph in turn), so no two documents are the same even past the corpus' paragraph count."""
     out = []
+    used: set[tuple[int, int]] = set()
     for i in range(docs):
-        text = texts[i % len(texts)]
-        other = texts[(i * 7 + 3) % len(texts)]
+        first, second = i % len(texts), (i * 7 + 3) % len(texts)
+        while (first, second) in used or first == second:
+            first, second = rng.randrange(len(texts)), rng.randrange(len(texts))
+        used.add((first, second))
+        text, other = texts[first], texts[second]
         if shape == "belebele":
             answers = [_pieces(texts[(i + k * 5 + 1) % len(texts)], 1, 40)[0] for k in range(4)]
             out.append({"flores_passage": " ".join(_pieces(text + " " + other, 1, 900)), "question":

@@ -133,14 +133,17 @@ def _clusters(context: tuple[int, ...], members: list[ScoringRequest]) -> list[C
 
 def group_by_context(requests: Sequence[ScoringRequest], rows_per_group: int | None = None) -> list[ContextGroup]:
     """Requests grouped by context, then clustered by how their continuations start (`_clusters`); a
-    cluster of more than `rows_per_group` members is cut into pieces of that many (each runs its prefix)."""
+    cluster of more than `rows_per_group` members that need a continuation pass is cut into pieces of that
+    many (each runs its prefix)."""
     by_context: dict[tuple[int, ...], list[ScoringRequest]] = {}
     for request in requests:
         by_context.setdefault(request.context, []).append(request)
     groups = []
     for context, members in by_context.items():
         for cluster in _clusters(context, members):
-            step = rows_per_group or len(cluster.members)
+            # Members that end with the prefix take no row of their own; the others take one each.
+            needs_rows = any(len(cluster.tail(m)) > 1 for m in cluster.members)
+            step = (rows_per_group if needs_rows else None) or len(cluster.members)
             for begin in range(0, len(cluster.members), step):
                 groups.append(ContextGroup(cluster.prefix, cluster.scored_from, cluster.members[begin:begin + step]))
     return groups

@@ -63,11 +63,12 @@ def test_groups_share_context_and_the_continuations_common_start():
     choices = [ScoringRequest(i, (7, 8, 9), (40 + i, 50 + i)) for i in range(4)]
     [group] = group_by_context(choices)
     assert group.prefix == (7, 8, 9) and len(group.members) == 4
-    # a group never has more members than a batch has rows
-    many = [ScoringRequest(i, (1, 2), (i + 3,)) for i in range(10)]
+    # a group never has more members than a batch has rows, unless they all end with the prefix
+    many = [ScoringRequest(i, (1, 2), (i + 3, 9)) for i in range(10)]
     assert [len(g.members) for g in group_by_context(many, rows_per_group=4)] == [4, 4, 2]
+    one_token = [ScoringRequest(i, (1, 2), (i + 3,)) for i in range(10)]
+    assert [len(g.members) for g in group_by_context(one_token, rows_per_group=4)] == [10]
     # one-token answers need no continuation pass: a batch holds `rows` of their prefixes
-    assert [len(batch) for batch in batches_for(many, 4)] == [3]
     letters = [ScoringRequest(4 * doc + i, (doc, 1, 2), (60 + i,)) for doc in range(6) for i in range(4)]
     assert [len(batch) for batch in batches_for(letters, 4)] == [4, 2]
     continued = [ScoringRequest(4 * doc + i, (doc, 1, 2), (60 + i, 7)) for doc in range(6) for i in range(4)]
