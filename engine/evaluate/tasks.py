@@ -6,14 +6,16 @@
                        include_path=include_dir, max_length=512)
     result["tasks"]["demo_continuation_en"]["metrics"]["acc"]
 
-The model is wrapped as it is (`HFLM(pretrained=<model object>)`), so in-place weight changes (pruning
-masks, a restored snapshot) are what gets measured. lm-eval's response cache is never used: its key
-does not include the model. Seeds are lm-eval's defaults, fixed, so the numbers equal the stock
-`lm_eval` CLI's for the same model, tasks, limit and batch size.
+The model is wrapped as it is (`HFLM(pretrained=<model object>)`, or its shared-prefix subclass), so
+in-place weight changes (pruning masks, a restored snapshot) are what gets measured. lm-eval's response
+cache is never used: its key does not include the model. Seeds are lm-eval's defaults, fixed, so with
+`scorer="lm_eval"` the numbers equal the stock `lm_eval` CLI's for the same model, tasks, limit and batch
+size, bit for bit; the default shared-prefix scorer gives them within float rounding (docs/evaluation.md).
+Task objects are built once per (task set, shots) in the process and reused (`loaded_tasks`).
 
 Result layout (JSON-serialisable; non-finite floats become null):
 
-    {"lm_eval_version": "0.4.13",
+    {"lm_eval_version": "0.4.13", "scorer": "shared_prefix",
      "tasks": {name: {"kind": "task" | "group", "metrics": {"acc": 0.4, ...},
                       "stderr": {"acc": 0.1, ...}, "metric_keys": {"acc": "acc,none", ...},
                       "higher_is_better": {"acc": true, ...}, "samples": n, "samples_total": N,
