@@ -17,7 +17,7 @@ import torch
 from engine.analyze.collect import StatisticsCollector
 from engine.data.calibration import WindowRequest, calibration_set, document_separator
 from engine.data.sources import TextSourceConfig, documents
-from engine.evaluate.shared_prefix import DEFAULT_SCORER
+from engine.evaluate.scorers import DEFAULT_SCORER
 from engine.evaluate.suite import language_tokens, perplexity_of_tokens
 from engine.evaluate.tasks import TaskRequest, run_tasks
 from engine.evaluate.text_cache import evaluation_cache_path, read_evaluation_tokens, write_evaluation_tokens

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from engine.evaluate.output_head import (
     SplitHead,
@@ -47,8 +48,6 @@ from engine.evaluate.output_head import (
     vocabulary_size,
 )
 
-SCORERS = ("shared_prefix", "lm_eval")
-DEFAULT_SCORER = "shared_prefix"
 # Tokenized (context, continuation) pairs kept per tokenizer; a study's task set is far below this.
 PAIR_MEMO_LIMIT = 1_000_000
 
@@ -372,7 +371,6 @@ def shared_prefix_lm(**hflm_kwargs):
     """An lm-eval HFLM whose loglikelihood requests are scored with shared prefixes (module docstring) and
     whose tokenized requests are memoised per tokenizer across calls; everything else is HFLM's."""
     from lm_eval.models.huggingface import HFLM
-    from tqdm import tqdm
 
     class SharedPrefixLM(RollingFlag, HFLM):
         def _encode_pair(self, context: str, continuation: str):

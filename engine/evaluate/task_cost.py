@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.evaluate.shared_prefix import DEFAULT_SCORER, SCORERS, RollingFlag, model_calls
+from engine.evaluate.scorers import DEFAULT_SCORER, SCORERS
 from engine.evaluate.tasks import TaskRequest, flatten_tasks, manager_for
 
 
@@ -82,6 +82,8 @@ def _recording_lm(model, tokenizer, batch_size: int, cost: TaskCost, scorer: str
     """An `HFLM` whose model calls are recorded into `cost` rather than run: lm-eval's own batches, or
     the shared-prefix scorer's (which leaves rolling loglikelihoods to lm-eval's path)."""
     from lm_eval.models.huggingface import HFLM
+
+    from engine.evaluate.shared_prefix import RollingFlag, model_calls
 
     class RecordingLM(RollingFlag, HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):

@@ -39,13 +39,14 @@ import difflib
 import hashlib
 import json
 import math
+import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from engine.evaluate.shared_prefix import DEFAULT_SCORER, SCORERS, shared_prefix_lm
+from engine.evaluate.scorers import DEFAULT_SCORER, SCORERS
 from engine.io import atomic_write_bytes, cache_dir
 
 INDEX_SUBDIR = "lm_eval_task_index"
@@ -385,8 +386,6 @@ def _prepare(loaded: dict, shots: int) -> None:
     `evaluate` (lm-eval 0.4.x), with lm-eval's default seeds; `run_tasks` calls `evaluate` itself so that
     it can hand over task objects it already built and skip collecting the environment's description
     (a pip listing in subprocesses, 0.3-0.5 s a call)."""
-    import random
-
     import numpy as np
     from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
     from lm_eval.utils import set_torch_seed
@@ -411,6 +410,8 @@ def run_tasks(model, tokenizer, requests: Sequence[TaskRequest], include_path: P
     import torch
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
+
+    from engine.evaluate.shared_prefix import shared_prefix_lm
 
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
