@@ -214,7 +214,6 @@ def score_batch(model, groups: Sequence[ContextGroup], *, pad_id: int, softmax_d
     # tail token) are each prefix's last `shared + 1`.
     keep = max(g.shared for g in groups) + 1
     prefix_ids = torch.full((n_groups, width), pad_id, dtype=torch.long)
-    prefix_mask = torch.zeros((n_groups, width), dtype=torch.long)
     if rest == 0:
         # Nothing follows the prefixes (one-token answers): right-padded and run as lm-eval runs its rows,
         # without a mask or a cache (causal attention never looks at the padding after a row's tokens).
@@ -229,6 +228,7 @@ def score_batch(model, groups: Sequence[ContextGroup], *, pad_id: int, softmax_d
         cache = None
     else:
         # Left-padded, so that every row's continuation follows its prefix in the cache.
+        prefix_mask = torch.zeros((n_groups, width), dtype=torch.long)
         prefix_positions = torch.zeros((n_groups, width), dtype=torch.long)
         for row, group in enumerate(groups):
             length = len(group.prefix)
